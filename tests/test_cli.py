@@ -24,7 +24,9 @@ def test_version():
 
 
 def test_module_entry_point_matches_the_script():
-    result = subprocess.run([sys.executable, "-m", "aksis.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "aksis.cli", "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     assert result.stdout == aksis_cli("--help").stdout
 
