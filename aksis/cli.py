@@ -291,6 +291,12 @@ SAMPLER_ARGS: list[Argument] = [
         help="Make tokens already in the text less likely (1: off; about 1.2 breaks loops)",
     ),
     arg(
+        "--lookahead",
+        type=int,
+        default=0,
+        help="With --sampler greedy: guess this many tokens from earlier text and check them in one pass; the same text, faster when it repeats (0: off)",
+    ),
+    arg(
         "--seed",
         type=int,
         default=argparse.SUPPRESS,
@@ -422,7 +428,7 @@ def chat_with_model(
         print(f"(continuing the conversation in {context_file}: {turns} messages)")
     chat_repl(chat)
 
-# %% ../nbs/11_cli.ipynb #adec9c12
+# %% ../nbs/11_cli.ipynb #6826c4ee
 _TRAIN_SHAPE = ["n_layer", "n_head", "d_model", "d_ff", "max_seq_len", "dropout"]
 
 
@@ -475,9 +481,24 @@ def _flag(*flags: str, **options: Any) -> Argument:
         ),
         _flag("--learning-rate", type=positive_float, help="Peak learning rate (default: 3e-4)"),
         _flag(
+            "--optimizer",
+            choices=["adamw", "muon"],
+            help="adamw, or muon: Muon for the weight matrices and AdamW for the rest (default: adamw)",
+        ),
+        _flag(
+            "--muon-lr",
+            type=positive_float,
+            help="Peak learning rate of Muon's matrices, with --optimizer muon (default: 0.006)",
+        ),
+        _flag(
             "--warmup-steps",
             type=int,
             help="Steps of linear warmup before the cosine (default: 100)",
+        ),
+        _flag(
+            "--token-noise",
+            type=float,
+            help="Fraction of input tokens replaced by random ones, a regularizer for small corpora (default: 0)",
         ),
         _flag(
             "--mixed-precision",

@@ -55,11 +55,12 @@ class KVCache:
         k: Tensor,  # New keys (B, nh, T, hd) for positions pos ... pos + T - 1
         v: Tensor,  # New values (B, nh, T, hd)
     ) -> tuple[Tensor, Tensor]:
-        "Write the new keys and values at `pos` and return the layer's full (B, nh, S, hd) buffers"
+        "Write the new keys and values at `pos` and return the layer's filled (B, nh, pos + T, hd) keys and values"
         T = k.size(2)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer], self.v[layer]
+        end = self.pos + T
+        self.k[layer, :, :, self.pos : end] = k
+        self.v[layer, :, :, self.pos : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 # %% ../nbs/04_model.ipynb #3480300a
 class CausalSelfAttention(nn.Module):
@@ -81,11 +82,11 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: Tensor, kv_cache: KVCache | None = None, attn_mask: Tensor | None = None
     ) -> Tensor:
-        "x (B, T, C) -> (B, T, C); with a cache, attend to every cached position under `attn_mask`"
+        "x (B, T, C) -> (B, T, C); with a cache, attend to its filled positions under `attn_mask`"
         q, k, v = self.c_attn(x).split(x.size(-1), dim=2)  # 3 × (B, T, C)
         q, k, v = (split_heads(t, self.n_head) for t in (q, k, v))  # 3 × (B, nh, T, hd)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer, k, v)  # 2 × (B, nh, S, hd)
+            k, v = kv_cache.update(self.layer, k, v)  # 2 × (B, nh, pos + T, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         causal = kv_cache is None  # without a cache, the keys are exactly the queries' positions
@@ -172,11 +173,9 @@ class GPT(nn.Module):
         _check_length(pos, T, self.config.max_seq_len)
         positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
-        attn_mask = None  # without a cache, SDPA's is_causal is the mask
-        if kv_cache is not None:
-            attn_mask = causal_mask(
-                T, kv_cache.max_seq_len, offset=pos, device=idx.device
-            )  # (T, S)
+        attn_mask = None  # no cache: SDPA's is_causal is the mask; one cached query sees every key
+        if kv_cache is not None and T > 1:
+            attn_mask = causal_mask(T, pos + T, offset=pos, device=idx.device)  # (T, pos + T)
         for block in self.blocks:
             x = block(x, kv_cache, attn_mask)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)

@@ -196,6 +196,7 @@ def test_bad_context_file_is_an_error_and_left_untouched(workdir, contents, mess
         (["--sampler", "top-k", "--temperature", "-0.5"], "temperature must be greater than 0"),
         (["--sampler", "nucleus"], "invalid choice: 'nucleus'"),
         (["--top-k", "0"], "--top-k: must be a positive integer"),
+        (["--lookahead", "-1"], "lookahead must be 0 (off) or more"),
     ],
 )
 @pytest.mark.parametrize("command", ["generate-text", "chat-with-model"])
@@ -209,6 +210,28 @@ def test_bad_input_is_a_one_line_error(workdir, command, flags, message):
     result = aksis_cli(command, *base, *flags, cwd=workdir, stdin="Hello\n")
     assert_one_line_error(result, message)
     assert result.stdout == ""
+
+
+def test_lookahead_gives_the_same_text(workdir):
+    ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
+    texts = [
+        aksis_cli(
+            "generate-text",
+            "--checkpoint-path",
+            ckpt,
+            "--prompt",
+            "Once upon a time",
+            "--sampler",
+            "greedy",
+            "--max-new-tokens",
+            "80",
+            *flags,
+        )
+        for flags in ([], ["--lookahead", "6"])
+    ]
+    assert all(result.returncode == 0 for result in texts), texts
+    assert texts[0].stdout == texts[1].stdout
+    assert len(texts[0].stdout) > len("Once upon a time\n")
 
 
 def test_half_precision_generation(workdir):
