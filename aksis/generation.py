@@ -239,8 +239,7 @@ def _greedy_lookahead(
     device, max_seq_len = _model_device(model), model.config.max_seq_len
     ids, remaining = list(prompt_ids), config.max_new_tokens
     kv_cache = _new_cache(model, 1)
-    window = ids[-max_seq_len:]
-    logits = _extend(model, kv_cache, torch.tensor([window], device=device), len(window))[0]
+    logits = _extend(model, kv_cache, torch.tensor([ids], device=device), len(ids))[0]  # prefill
     accepted: list[int] = []  # guessed tokens the model confirmed, before its own next choice
     while True:
         for token in accepted + [int(logits.argmax())]:

@@ -32,7 +32,6 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.max_seq_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
-        self.max_seq_len = config.max_seq_len
         self.pos = 0  # Tokens already cached: the next token goes to this position
 
     @property

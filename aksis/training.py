@@ -212,6 +212,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     self._adamw(p, p.grad, lr, group["betas"], group["eps"])
 
     def _muon(self, p: Tensor, grad: Tensor, lr: float, momentum: float) -> None:
+        "Step `p` along the orthogonalized Nesterov momentum of its gradient"
         buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
         buffer.lerp_(grad, 1 - momentum)
         update = orthogonalize(grad.lerp(buffer, momentum))  # Nesterov momentum
@@ -220,6 +221,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _adamw(
         self, p: Tensor, grad: Tensor, lr: float, betas: tuple[float, float], eps: float
     ) -> None:
+        "Step `p` by Adam's bias-corrected moment ratio"
         state = self.state[p]
         if not state:
             state.update(
