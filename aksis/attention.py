@@ -15,15 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% ../nbs/03_attention.ipynb #dbd7921e
+_MASK_AND_CAUSAL = "Explicit attn_mask should not be set when is_causal=True: pass attn_mask & causal_mask(T_q, T_k) to apply both"
+
+
 def attention_weights(
     q: Tensor,  # Queries (..., T_q, d)
     k: Tensor,  # Keys (..., T_k, d)
     attn_mask: Tensor | None = None,  # Bool (True = may attend) or additive float, (..., T_q, T_k)
-    is_causal: bool = False,  # Apply `causal_mask(T_q, T_k)` (SDPA's convention)
+    is_causal: bool = False,  # Apply `causal_mask(T_q, T_k)` (SDPA's convention); not with `attn_mask`
 ) -> Tensor:
     "softmax(q kᵀ / √d) with the mask applied: the (..., T_q, T_k) weights each query gives each key"
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (..., T_q, T_k)
     if is_causal:
+        if attn_mask is not None:
+            raise RuntimeError(_MASK_AND_CAUSAL)
         attn_mask = causal_mask(q.size(-2), k.size(-2), device=q.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -68,7 +73,9 @@ def split_heads(
     return x.view(B, T, n_head, C // n_head).transpose(1, 2)  # (B, nh, T, hd)
 
 
-def merge_heads(x: Tensor) -> Tensor:  # (B, n_head, T, head_dim) per-head outputs
+def merge_heads(
+    x: Tensor,  # (B, n_head, T, head_dim) per-head outputs
+) -> Tensor:
     "Concatenate the heads back into (B, T, n_head * head_dim), the inverse of `split_heads`"
     B, nh, T, hd = x.shape
     return x.transpose(1, 2).reshape(B, T, nh * hd)  # (B, T, C)
@@ -86,4 +93,8 @@ def attention(
     "Scaled dot-product attention: PyTorch's fused SDPA kernel, or the hand-written version"
     if manual:
         return manual_attention(q, k, v, attn_mask, is_causal, dropout_p)
+    if (
+        is_causal and attn_mask is not None
+    ):  # some SDPA kernels would combine the two: refuse, as documented
+        raise RuntimeError(_MASK_AND_CAUSAL)
     return F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)

@@ -6,18 +6,20 @@ Docs: https://aksis-ai.github.io/aksis/chat.html.md"""
 
 # %% auto #0
 __all__ = ['ROLES', 'Message', 'special_id', 'render_message', 'render', 'context_budget', 'build_prompt', 'save_conversation',
-           'load_conversation', 'Chat', 'chat_repl']
+           'load_conversation', 'lock_file', 'unlock_file', 'Conversation', 'Chat', 'chat_notice', 'chat_repl']
 
 # %% ../nbs/07_chat.ipynb #71d4fa6b
 import json
+import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer
 
-from .core import AksisError, atomic_path
+from .core import AksisError, atomic_path, process_alive
 from .generation import GenerationConfig, load_for_inference, stream
 from .model import GPT
 from .tokenizer import ASSISTANT, END_TURN, SYSTEM, USER
@@ -34,11 +36,16 @@ class Message:
     content: str  # What was said
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
+        if not isinstance(self.role, str) or self.role not in ROLES:
             raise AksisError(f"unknown role {self.role!r}: use one of {', '.join(ROLES)}")
+        if not isinstance(self.content, str):
+            raise AksisError(f"a message's content must be text, got {self.content!r}")
 
 
-def special_id(tokenizer: Tokenizer, token: str) -> int:  # The model's tokenizer
+def special_id(
+    tokenizer: Tokenizer,  # The model's tokenizer
+    token: str,  # A special token, such as `END_TURN`
+) -> int:
     "The id of a special token such as `END_TURN`"
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
@@ -48,13 +55,19 @@ def special_id(tokenizer: Tokenizer, token: str) -> int:  # The model's tokenize
     return token_id
 
 
-def render_message(tokenizer: Tokenizer, message: Message) -> list[int]:  # The model's tokenizer
+def render_message(
+    tokenizer: Tokenizer,  # The model's tokenizer
+    message: "Message",  # The message to render
+) -> list[int]:
     "The token ids of one message: its role token, its text, the end-of-turn token"
     content = tokenizer.encode(message.content, add_special_tokens=False).ids
     return [special_id(tokenizer, ROLES[message.role]), *content, special_id(tokenizer, END_TURN)]
 
 
-def render(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:  # The model's tokenizer
+def render(
+    tokenizer: Tokenizer,  # The model's tokenizer
+    messages: "Sequence[Message]",  # The conversation
+) -> list[int]:
     "The token ids of a whole conversation, message after message"
     return [i for message in messages for i in render_message(tokenizer, message)]
 
@@ -74,7 +87,7 @@ def context_budget(
 # %% ../nbs/07_chat.ipynb #227b1173
 def build_prompt(
     tokenizer: Tokenizer,  # The model's tokenizer
-    messages: Sequence[Message],  # An optional system message first, ending with a user message
+    messages: "Sequence[Message]",  # An optional system message first, ending with a user message
     budget: int,  # The most tokens the prompt may use (see `context_budget`)
 ) -> list[int]:
     "The token ids of the prompt for the assistant's reply, fitted to `budget` by dropping the oldest turns"
@@ -86,9 +99,13 @@ def build_prompt(
     latest = render_message(tokenizer, messages[-1])
     generation_start = [special_id(tokenizer, ASSISTANT)]
     room = budget - len(system) - len(generation_start)  # for the history and the latest message
-    if room < 3:  # a role token, one token of text, the end-of-turn token
+    if room < 3 and system:  # a role token, one token of text, the end-of-turn token
         raise AksisError(
             f"the system prompt is {len(system)} tokens, too long for the context budget of {budget}: shorten it"
+        )
+    if room < 3:
+        raise AksisError(
+            f"a context budget of {budget} tokens leaves no room for a message: allow at least 4"
         )
     if len(latest) > room:  # alone too long: keep the end of it
         latest = latest[:1] + latest[-(room - 1) :]
@@ -99,19 +116,28 @@ def build_prompt(
     return system + [i for turn in history for i in turn] + latest + generation_start
 
 # %% ../nbs/07_chat.ipynb #7794d79e
+def _check_writable(path: Path) -> None:
+    "Refuse to replace a read-only file (an atomic rename would ignore its permissions)"
+    if path.is_file() and not (path.stat().st_mode & 0o222 and os.access(path, os.W_OK)):
+        raise AksisError(f"{path} is read-only: make it writable, or use another file")
+
+
 def save_conversation(
-    messages: Sequence[Message],  # The conversation
+    messages: "Sequence[Message]",  # The conversation
     path: str | Path,  # The JSON file to (over)write
 ) -> Path:
     "Write `messages` to `path` as an Aksis chat JSON file, atomically"
     document = {"format": "aksis-chat", "version": 1, "messages": [asdict(m) for m in messages]}
     path = Path(path)
+    _check_writable(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(document, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return path
 
 
-def load_conversation(path: str | Path) -> list[Message]:  # A file written by `save_conversation`
+def load_conversation(
+    path: str | Path,  # A file written by `save_conversation`
+) -> "list[Message]":
     "The messages of an Aksis chat JSON file"
     path = Path(path)
     try:
@@ -124,6 +150,10 @@ def load_conversation(path: str | Path) -> list[Message]:  # A file written by `
         raise AksisError(
             f"{path} is not valid JSON ({e.msg}, line {e.lineno}): fix it, or use another --context-file"
         ) from None
+    except (ValueError, RecursionError):  # a number of thousands of digits, nesting too deep
+        raise AksisError(
+            f"{path} is not a chat file Aksis can read (a number too long or nesting too deep): use another --context-file"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != "aksis-chat":
         raise AksisError(
             f'{path} is not an Aksis chat file (no "format": "aksis-chat"): use another --context-file'
@@ -134,44 +164,149 @@ def load_conversation(path: str | Path) -> list[Message]:  # A file written by `
         )
     messages = []
     for n, m in enumerate(document["messages"], 1):
-        if not (
-            isinstance(m, dict) and set(m) == {"role", "content"} and isinstance(m["content"], str)
-        ):
-            raise AksisError(
-                f"{path}: message {n} is not an object with a role and a string content"
-            )
+        if not (isinstance(m, dict) and set(m) == {"role", "content"}):
+            raise AksisError(f"{path}: message {n} is not an object with a role and a content")
         try:
             messages.append(Message(m["role"], m["content"]))
         except AksisError as e:
             raise AksisError(f"{path}: message {n}: {e}") from None
     return messages
 
+# %% ../nbs/07_chat.ipynb #2b3f0b71
+def _lock_owner(lock: Path) -> int | None:
+    "The process id written in `lock`, or None if it is gone or unreadable"
+    try:
+        return int(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def lock_file(
+    path: Path,  # The file to claim
+) -> Path:
+    "Claim `path` for this process: create `path.lock` holding our process id; a stale lock is taken over"
+    lock = path.with_name(path.name + ".lock")
+    for _ in range(3):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(lock)
+            if owner is not None and process_alive(owner):
+                raise AksisError(
+                    f"{path} is in use by another chat (process {owner}): close it, or use another --context-file (if no chat is running, delete {lock})"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process has gone
+            continue
+        except OSError as e:
+            raise AksisError(f"cannot create {lock}: {e.strerror}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lock
+    raise AksisError(f"cannot claim {path}: delete {lock} if no chat is running")
+
+
+def unlock_file(
+    lock: Path,  # A lock made by `lock_file`
+) -> None:
+    "Remove `lock` if this process holds it"
+    if _lock_owner(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
+
+# %% ../nbs/07_chat.ipynb #ed9a7c94
+_C = TypeVar("_C", bound="Conversation")
+
+
+class Conversation:
+    "Messages, an optional system prompt first, and the JSON file they live in, if any, held by this conversation alone"
+
+    def __init__(
+        self,
+        context_file: str | Path | None = None,  # JSON file loaded if present, written every turn
+    ):
+        self.messages: list[Message] = []
+        self.context_file = Path(context_file) if context_file else None
+        self._release: Callable[[], object] | None = None
+        if self.context_file:
+            _check_writable(self.context_file)
+            self._release = weakref.finalize(self, unlock_file, lock_file(self.context_file))
+            try:
+                if self.context_file.exists():
+                    self.messages = load_conversation(self.context_file)
+            except AksisError:
+                self.close()
+                raise
+
+    @property
+    def system_prompt(self) -> str | None:
+        "The system message's text, or None"
+        return next((m.content for m in self.messages if m.role == "system"), None)
+
+    @system_prompt.setter
+    def system_prompt(self, text: str | None) -> None:
+        system = [Message("system", text)] if text else []
+        self._check_system(system)
+        self.messages = system + [m for m in self.messages if m.role != "system"]
+
+    def _check_system(self, system: list[Message]) -> None:
+        "Refuse a system message that cannot be used (any can here; a chat with a model checks its length)"
+
+    def reset(self) -> None:
+        "Forget everything but the system prompt (and write the context file, if any)"
+        self.messages = [m for m in self.messages if m.role == "system"]
+        if self.context_file:
+            self.save()
+
+    def save(
+        self,
+        path: str | Path | None = None,  # Where to write (default: the context file)
+    ) -> Path:
+        "Write the conversation as JSON"
+        target = path or self.context_file
+        if target is None:
+            raise AksisError(
+                "no file to save to: give a path (/save PATH) or start with --context-file"
+            )
+        return save_conversation(self.messages, target)
+
+    def close(self) -> None:
+        "Stop writing the context file and free it for others (done anyway at exit)"
+        if self._release:
+            self._release()
+        self.context_file = None
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
+
 # %% ../nbs/07_chat.ipynb #2c7abeb0
-class Chat:
-    "A conversation with a model: its messages, its generation settings, and an optional JSON file it lives in"
+class Chat(Conversation):
+    "A conversation with a model: its messages, its generation settings, and the JSON file it lives in, if any"
 
     def __init__(
         self,
         model: GPT,  # The model, in eval mode
         tokenizer: Tokenizer,  # Its tokenizer, with the chat tokens
-        config: GenerationConfig
-        | None = None,  # How replies are generated (default: `GenerationConfig()`)
-        system_prompt: str
-        | None = None,  # Instructions for the whole conversation ("" removes them)
-        context_file: str
-        | Path
-        | None = None,  # JSON file loaded at the start if present, written after every turn
+        config: GenerationConfig | None = None,  # How replies are generated (default: the defaults)
+        system_prompt: str | None = None,  # Instructions for the conversation ("" removes them)
+        context_file: str | Path | None = None,  # JSON file loaded if present, written every turn
         context_length: int = 512,  # The longest prompt, in tokens
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
+        self.info: dict[str, Any] = {}  # the checkpoint's `info`, when made by `from_checkpoint`
         self.config = config or GenerationConfig()
-        self.context_file = Path(context_file) if context_file else None
-        self.context_length = context_length
-        self.messages: list[Message] = []
-        if self.context_file and self.context_file.exists():
-            self.messages = load_conversation(self.context_file)
-        if system_prompt is not None:
-            self.system_prompt = system_prompt
+        super().__init__(context_file)
+        try:  # the setter checks the system prompt, the given one or the file's
+            self.system_prompt = self.system_prompt if system_prompt is None else system_prompt
+        except AksisError:
+            self.close()
+            raise
+
+    def _check_system(self, system: list[Message]) -> None:
+        "Refuse a system prompt that leaves no room for a message in the context budget"
+        build_prompt(self.tokenizer, [*system, Message("user", "?")], self.budget)
 
     @property
     def config(self) -> GenerationConfig:
@@ -189,21 +324,13 @@ class Chat:
         checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint`
         device: str = "auto",  # `auto`, `cpu`, `cuda`, ...
         half_precision: bool = False,  # Cast the weights to 16 bits (see `load_for_inference`)
-        **kwargs: Any,  # The other arguments of `Chat`
+        **kwargs: Any,
     ) -> "Chat":
-        "A chat with the model and tokenizer stored in a checkpoint"
+        "A chat with the model and tokenizer stored in a checkpoint; `kwargs` are the other arguments of `Chat`"
         checkpoint = load_for_inference(checkpoint_path, device, half_precision)
-        return cls(checkpoint.model, checkpoint.tokenizer, **kwargs)
-
-    @property
-    def system_prompt(self) -> str | None:
-        "The system message's text, or None"
-        return next((m.content for m in self.messages if m.role == "system"), None)
-
-    @system_prompt.setter
-    def system_prompt(self, text: str | None) -> None:
-        turns = [m for m in self.messages if m.role != "system"]
-        self.messages = ([Message("system", text)] if text else []) + turns
+        chat = cls(checkpoint.model, checkpoint.tokenizer, **kwargs)
+        chat.info = checkpoint.info
+        return chat
 
     @property
     def budget(self) -> int:
@@ -212,7 +339,10 @@ class Chat:
             self.model.config.max_seq_len, self.config.max_new_tokens, self.context_length
         )
 
-    def send(self, text: str) -> Iterator[str]:  # The user's message
+    def send(
+        self,
+        text: str,  # The user's message
+    ) -> Iterator[str]:
         "Add the user's message and stream the assistant's reply, which joins the conversation when it ends"
         if not text.strip():
             raise AksisError("the message is empty: type something to say")
@@ -228,35 +358,30 @@ class Chat:
             if self.context_file:
                 self.save()
 
-    def reply(self, text: str) -> str:  # The user's message
+    def reply(
+        self,
+        text: str,  # The user's message
+    ) -> str:
         "Add the user's message and return the assistant's whole reply"
         return "".join(self.send(text)).strip()
 
-    def reset(self) -> None:
-        "Forget everything but the system prompt (and write the context file, if any)"
-        self.messages = [m for m in self.messages if m.role == "system"]
-        if self.context_file:
-            self.save()
-
-    def save(
-        self, path: str | Path | None = None
-    ) -> Path:  # Where to write (default: the context file)
-        "Write the conversation as JSON"
-        target = path or self.context_file
-        if target is None:
-            raise AksisError(
-                "no file to save to: give a path (/save PATH) or start with --context-file"
-            )
-        return save_conversation(self.messages, target)
+# %% ../nbs/07_chat.ipynb #c4a7n0t2
+def chat_notice(
+    info: dict[str, Any],  # A checkpoint's `info`
+    checkpoint_path: str | Path,  # The checkpoint's path, for the suggested command
+) -> str | None:
+    "A one-line notice that the checkpoint was never fine-tuned for chat, or None if it was"
+    if info.get("fine_tuned", {}).get("task") == "chat":
+        return None
+    return f"(this model was never fine-tuned for chat, so it may continue the text instead of answering; `aksis fine-tune --init-from {checkpoint_path} --dataset shakespeare-chat` teaches it to)"
 
 # %% ../nbs/07_chat.ipynb #8e19b469
 _HELP = "/reset starts over, /save [path] saves the conversation, /quit (or Ctrl-D) leaves"
 
 
 def chat_repl(
-    chat: Chat,  # The conversation to continue
-    read: Callable[[str], str]
-    | None = None,  # Shows a prompt and returns the user's line (default: `input`)
+    chat: "Chat",  # The conversation to continue
+    read: Callable[[str], str] | None = None,  # Shows a prompt, returns a line (default: `input`)
 ) -> None:
     "Talk with `chat` in the terminal until /quit, Ctrl-D or Ctrl-C, streaming each reply"
     read = read or input

@@ -9,6 +9,7 @@ __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_fil
            'sample', 'generate_ids', 'prompt_lookup', 'stop_token_ids', 'stream', 'generate', 'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,13 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from .core import AksisError, get_device, mixed_precision
-from .model import GPT, KVCache
+from .model import GPT, Checkpoint, KVCache, load_checkpoint
 from .tokenizer import SPECIAL_TOKENS
-from .training import Checkpoint, load_checkpoint
 
 # %% ../nbs/06_generation.ipynb #98251d5f
-def greedy(logits: Tensor) -> Tensor:  # (..., vocab) scores of the next token
+def greedy(
+    logits: Tensor,  # (..., vocab) scores of the next token
+) -> Tensor:
     "The most likely next token: the index of the largest logit, shaped (...)"
     return logits.argmax(-1)
 
@@ -83,47 +85,50 @@ SAMPLERS = ("greedy", "beam", "top-k", "top-p", "temperature")
 class GenerationConfig:
     "How to choose each next token and when to stop; checked when made"
 
-    sampler: str = "top-p"  # One of `SAMPLERS`
-    max_new_tokens: int = 100  # Most tokens to generate
+    sampler: str = "top-p"  # How each token is chosen: greedy, beam search or a random draw
+    max_new_tokens: int = 100  # Most tokens to generate, at most a million
     temperature: float = 0.7  # Divides the logits of the random samplers
     top_k: int = 50  # Tokens kept by `top-k`
     top_p: float = 0.95  # Probability mass kept by `top-p`
-    beam_width: int = 4  # Hypotheses kept by `beam`
-    length_penalty: float = 1.0  # Beam scores are log-probability sums divided by length ** this
-    repetition_penalty: float = 1.0  # θ of `penalize_repetition`; 1 is off
+    beam_width: int = 4  # Hypotheses kept by `beam`, at most 1000
+    length_penalty: float = 1.0  # Beam scores are log-prob sums / length ** this; in [-10, 10]
+    repetition_penalty: float = 1.0  # Make tokens already in the text less likely (1: off)
     stop: tuple[str, ...] = ()  # Strings that end the text (they are not part of it)
-    seed: int | None = None  # Seed of the random draws; None for a fresh one each run
-    lookahead: int = (
-        0  # Greedy only: tokens to guess by `prompt_lookup` and check in one pass (0: off)
-    )
+    seed: int | None = None  # Seed of the random draws, 0 to 2**32 - 1 (None: a fresh one each run)
+    lookahead: int = 0  # Greedy only: tokens to guess from earlier text, checked at once (0: off)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise AksisError(f"unknown sampler {self.sampler!r}: choose from {', '.join(SAMPLERS)}")
-        if self.max_new_tokens < 1:
-            raise AksisError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.sampler in ("temperature", "top-k", "top-p") and not self.temperature > 0:
+        if not 1 <= self.max_new_tokens <= 1_000_000:
+            raise AksisError(f"max_new_tokens must be from 1 to 1000000, got {self.max_new_tokens}")
+        random = self.sampler in ("temperature", "top-k", "top-p")
+        if random and not 0 < self.temperature < math.inf:
             raise AksisError(
-                f"temperature must be greater than 0 for sampling, got {self.temperature}: use --sampler greedy for deterministic text"
+                f"temperature must be greater than 0 (and finite) for sampling, got {self.temperature}: use --sampler greedy for deterministic text"
             )
-        if self.top_k < 1 or self.beam_width < 1:
+        if self.top_k < 1 or not 1 <= self.beam_width <= 1000:
             raise AksisError(
-                f"top_k and beam_width must be at least 1, got {self.top_k} and {self.beam_width}"
+                f"top_k must be at least 1 and beam_width from 1 to 1000, got {self.top_k} and {self.beam_width}"
             )
+        if not -10 <= self.length_penalty <= 10:  # beyond, length ** penalty can overflow
+            raise AksisError(f"length_penalty must be in [-10, 10], got {self.length_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise AksisError(f"seed must be from 0 to 2**32 - 1 ({2**32 - 1}), got {self.seed}")
         if self.lookahead < 0:
             raise AksisError(f"lookahead must be 0 (off) or more, got {self.lookahead}")
         if not 0 < self.top_p <= 1:
             raise AksisError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise AksisError(
-                f"repetition_penalty must be greater than 0, got {self.repetition_penalty}"
+                f"repetition_penalty must be greater than 0 and finite, got {self.repetition_penalty}"
             )
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
 
 # %% ../nbs/06_generation.ipynb #6e7794f2
 def sample(
     logits: Tensor,  # (B, vocab) scores of the next token
-    config: GenerationConfig,  # The sampler and its settings
+    config: "GenerationConfig",  # The sampler and its settings
     generator: torch.Generator | None = None,  # Source of the random draws
     previous_ids: Tensor | None = None,  # (B, T) the text so far, for the repetition penalty
 ) -> Tensor:
@@ -174,12 +179,12 @@ def _random_generator(device: torch.device, seed: int | None) -> torch.Generator
         generator.manual_seed(seed)
     return generator
 
-
+# %% ../nbs/06_generation.ipynb #a9924743
 @torch.inference_mode()
 def generate_ids(
     model: GPT,  # A GPT in eval mode
     prompt_ids: Sequence[int],  # The prompt's token ids (at least one)
-    config: GenerationConfig | None = None,  # Sampler and limits (default: `GenerationConfig()`)
+    config: "GenerationConfig | None" = None,  # Sampler and limits (default: `GenerationConfig()`)
     stop_ids: Sequence[int] = (),  # Token ids that end the text (they are not yielded)
 ) -> Iterator[int]:
     "Yield the ids generated after `prompt_ids` one at a time: one prefill over the prompt, then one cached step per token"
@@ -313,7 +318,9 @@ def _beam_search(
     return best_ids
 
 # %% ../nbs/06_generation.ipynb #6eefc0a3
-def stop_token_ids(tokenizer: Tokenizer) -> list[int]:  # The model's tokenizer
+def stop_token_ids(
+    tokenizer: Tokenizer,  # The model's tokenizer
+) -> list[int]:
     "The ids of `tokenizer`'s special tokens (end of text, end of turn, roles): generated text ends at any of them"
     return [i for token in SPECIAL_TOKENS if (i := tokenizer.token_to_id(token)) is not None]
 
@@ -349,7 +356,7 @@ def stream(
     model: GPT,  # A GPT in eval mode
     tokenizer: Tokenizer,  # Its tokenizer
     prompt: str | Sequence[int],  # Text to continue, or its token ids
-    config: GenerationConfig | None = None,  # Sampler and limits (default: `GenerationConfig()`)
+    config: "GenerationConfig | None" = None,  # Sampler and limits (default: `GenerationConfig()`)
 ) -> Iterator[str]:
     "Yield the text generated after `prompt` piece by piece as it is produced; a piece never ends inside a character"
     config = config or GenerationConfig()
@@ -377,7 +384,7 @@ def generate(
     model: GPT,  # A GPT in eval mode
     tokenizer: Tokenizer,  # Its tokenizer
     prompt: str | Sequence[int],  # Text to continue, or its token ids
-    config: GenerationConfig | None = None,  # Sampler and limits (default: `GenerationConfig()`)
+    config: "GenerationConfig | None" = None,  # Sampler and limits (default: `GenerationConfig()`)
 ) -> str:
     "The text generated after `prompt`, cut before the first stop string"
     config = config or GenerationConfig()
@@ -393,8 +400,7 @@ def generate(
 
 # %% ../nbs/06_generation.ipynb #0a6ab6e8
 def load_for_inference(
-    checkpoint_path: str
-    | Path,  # A checkpoint written by `save_checkpoint` (or `aksis train-model`)
+    checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
     device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
     half_precision: bool = False,  # Cast the weights to 16 bits (bf16 where supported, else fp16)
 ) -> Checkpoint:

@@ -6,7 +6,7 @@ Docs: https://aksis-ai.github.io/aksis/tokenizer.html.md"""
 
 # %% auto #0
 __all__ = ['EOT', 'PAD', 'SYSTEM', 'USER', 'ASSISTANT', 'END_TURN', 'SPECIAL_TOKENS', 'DEFAULT_VOCAB_SIZE', 'train_tokenizer',
-           'tokenizer_from_json', 'save_tokenizer', 'load_tokenizer', 'token_bytes', 'default_tokenizer']
+           'tokenizer_from_json', 'save_tokenizer', 'load_tokenizer', 'token_bytes']
 
 # %% ../nbs/01_tokenizer.ipynb #ae8b54e7
 from collections.abc import Iterable
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .core import AksisError, atomic_path
+from .core import AksisError, ModelConfig, atomic_path
 
 # %% ../nbs/01_tokenizer.ipynb #66ad0786
 def _byte_decoder() -> dict[str, int]:
@@ -40,7 +40,7 @@ END_TURN = "<|end|>"  # Ends a turn
 SPECIAL_TOKENS = [EOT, PAD, SYSTEM, USER, ASSISTANT, END_TURN]
 
 # %% ../nbs/01_tokenizer.ipynb #d4d8eaef
-DEFAULT_VOCAB_SIZE = 4096
+DEFAULT_VOCAB_SIZE = ModelConfig.vocab_size  # One default for the tokenizer and the model
 
 
 def _guarded(tok: Tokenizer) -> Tokenizer:
@@ -71,7 +71,9 @@ def train_tokenizer(
     return _guarded(tok)
 
 # %% ../nbs/01_tokenizer.ipynb #5ffc887b
-def tokenizer_from_json(text: str) -> Tokenizer:  # The contents of a `tokenizer.json`
+def tokenizer_from_json(
+    text: str,  # The contents of a `tokenizer.json`
+) -> Tokenizer:
     "A tokenizer from its JSON text (as embedded in a checkpoint), with special tokens guarded"
     try:
         tok = Tokenizer.from_str(text)
@@ -96,7 +98,9 @@ def save_tokenizer(
     return path
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:  # A `tokenizer.json` written by `save_tokenizer`
+def load_tokenizer(
+    path: str | Path,  # A `tokenizer.json` written by `save_tokenizer`
+) -> Tokenizer:
     "Load a tokenizer saved with `save_tokenizer`"
     path = Path(path)
     if not path.is_file():
@@ -124,10 +128,3 @@ def token_bytes(
     if piece in SPECIAL_TOKENS:
         return piece.encode()
     return bytes(_BYTES[c] for c in piece)
-
-# %% ../nbs/01_tokenizer.ipynb #ef7c06eb
-def default_tokenizer() -> Tokenizer:
-    "The Shakespeare tokenizer: trained once on the `shakespeare` training split, then loaded from the cache"
-    from aksis.data import corpus_tokenizer
-
-    return corpus_tokenizer("shakespeare")

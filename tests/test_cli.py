@@ -1,9 +1,15 @@
 "End-to-end runs of the installed `aksis` console script, as a user would type them."
 
+import dataclasses
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import aksis
+from aksis.cli import COMMANDS, build_parser
 
 
 def aksis_cli(*args: str) -> subprocess.CompletedProcess:
@@ -15,7 +21,26 @@ def test_help_lists_the_commands():
     result = aksis_cli("--help")
     assert result.returncode == 0
     assert "usage: aksis" in result.stdout
-    assert "info" in result.stdout
+    listed = re.findall(r"^ {4}(\S+)", result.stdout, re.MULTILINE)
+    assert listed == list(COMMANDS), result.stdout
+    commands = [
+        "info",
+        "tokenize",
+        "load-data",
+        "generate-text",
+        "chat-with-model",
+        "train-model",
+        "fine-tune",
+    ]
+    assert sorted(listed) == sorted(commands)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_has_help(name):
+    "Each command's flags, generated ones included, make a valid parser and a help page"
+    result = aksis_cli(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: aksis {name}") and result.stderr == ""
 
 
 def test_version():
@@ -43,6 +68,7 @@ def test_no_command_prints_help_and_fails():
     result = aksis_cli()
     assert result.returncode == 2
     assert "usage: aksis" in result.stdout
+    assert result.stdout == aksis_cli("--help").stdout
 
 
 def test_info_reports_the_default_device():
@@ -58,8 +84,109 @@ def test_help_does_not_import_heavy_packages():
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    try: aksis.cli.main(['--help'])\n"
         "    except SystemExit: pass\n"
-        "heavy = {'torch', 'datasets', 'transformers', 'tokenizers', 'numpy'} & set(sys.modules)\n"
+        "heavy = {'torch', 'datasets', 'transformers', 'tokenizers', 'numpy', 'fastcore'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def flags(name: str) -> dict[str, dict]:
+    "The options of each flag of command `name`, by its first flag"
+    return {flags[0]: options for flags, options in COMMANDS[name].flags()}
+
+
+def test_every_training_setting_has_a_flag_with_its_default():
+    "`train-model`'s flags are the fields of `TrainConfig` and the shape of `ModelConfig`, with their defaults"
+    from aksis.core import ModelConfig
+    from aksis.training import TrainConfig
+
+    options = flags("train-model")
+    training = {f.name for f in dataclasses.fields(TrainConfig)}
+    shape = [f for f in dataclasses.fields(ModelConfig) if f.name not in training]
+    for field in [*dataclasses.fields(TrainConfig), *shape]:
+        flag = options.pop("--" + field.name.replace("_", "-"))
+        if field.default is not None:
+            assert flag["help"].endswith(f"(default: {field.default})"), (field.name, flag)
+    assert set(options) == {"--preset", "--resume"}
+    # a flag left out is not parsed at all, so that a recipe or a resumed run supplies it
+    assert vars(build_parser().parse_args(["train-model"])) == {"command": "train-model"}
+    help = aksis_cli("train-model", "--help").stdout
+    for flag in [
+        "--weight-decay",
+        "--grad-clip",
+        "--beta2",
+        "--min-lr-ratio",
+        "--no-mixed-precision",
+    ]:
+        assert flag in help, flag
+
+
+@pytest.mark.parametrize("name", ["generate-text", "chat-with-model"])
+def test_every_sampler_setting_has_a_flag_with_its_default(name):
+    from aksis.generation import SAMPLERS, GenerationConfig
+
+    options = flags(name)
+    assert options["--sampler"]["choices"] == SAMPLERS
+    required = ["--checkpoint-path", "x"] + (["--prompt", "y"] if name == "generate-text" else [])
+    parsed = vars(build_parser().parse_args([name, *required]))
+    for field in dataclasses.fields(GenerationConfig):
+        if field.name != "stop":
+            assert parsed[field.name] == field.default, field.name
+            assert options["--" + field.name.replace("_", "-")]["help"], field.name
+    assert ("stop" in parsed) == (name == "generate-text")  # a chat stops at the end of a reply
+
+
+def test_spec_flags_and_defaults():
+    "The flags and defaults the specification's README names"
+    train, generate = flags("train-model"), flags("generate-text")
+    for flag in ["--dataset", "--epochs", "--batch-size", "--learning-rate", "--mixed-precision"]:
+        assert flag in train, flag
+    assert "(default: checkpoints)" in train["--checkpoint-dir"]["help"]
+    defaults = {
+        k: generate[k]["default"] for k in ["--sampler", "--top-k", "--top-p", "--beam-width"]
+    }
+    assert defaults == {"--sampler": "top-p", "--top-k": 50, "--top-p": 0.95, "--beam-width": 4}
+    assert (generate["--temperature"]["default"], generate["--max-new-tokens"]["default"]) == (
+        0.7,
+        100,
+    )
+
+
+def test_tokenize_does_not_import_training(tmp_path):
+    "`aksis tokenize --checkpoint-path` reads the checkpoint's tokenizer without the training machinery"
+    import torch
+
+    from aksis.core import model_config
+    from aksis.model import GPT, save_checkpoint
+    from aksis.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["Hello, world! " * 20], vocab_size=280)
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", vocab_size=tokenizer.get_vocab_size()))
+    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model, tokenizer)
+    code = (
+        "import sys, aksis.cli\n"
+        f"status = aksis.cli.main(['tokenize', '--text', 'Hello', '--checkpoint-path', {str(checkpoint)!r}])\n"
+        "assert status == 0, status\n"
+        "assert 'aksis.training' not in sys.modules and 'matplotlib' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "'Hello'" in result.stdout, result.stdout
+
+
+def test_readme_and_docs_use_the_project_addresses():
+    "The addresses are set once, in `[project.urls]`: the README's clone command and links, and the docs config, agree"
+    from nbdev.config import get_config
+
+    root = Path(__file__).parents[1]
+    cfg = get_config(root)
+    readme = (root / "README.md").read_text()
+    assert f"git clone {cfg.git_url} && cd {cfg.repo}" in readme
+    pages = [link for link in re.findall(r"\]\(([^)\s]+)\)", readme) if ".html" in link]
+    assert len(pages) > 10 and all(link.startswith(cfg.doc_url) for link in pages), pages
+    nbdev_yml = (root / "nbs" / "nbdev.yml").read_text()
+    assert f'site-url: "{cfg.doc_host}{cfg.doc_baseurl}"' in nbdev_yml
+    assert f'repo-url: "{cfg.git_url}"' in nbdev_yml
+    assert "example.com" not in readme + (root / "pyproject.toml").read_text()

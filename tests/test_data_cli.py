@@ -95,15 +95,14 @@ def test_tokenize_default_tokenizer_is_trained_once_and_cached(cache: Path):
 
 
 def test_tokenize_with_a_checkpoint(cache: Path, tmp_path: Path, tokenizer_file: Path):
-    training = pytest.importorskip("aksis.training")
     from aksis.core import model_config
-    from aksis.model import GPT
+    from aksis.model import GPT, save_checkpoint
     from aksis.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_file)
     model = GPT(model_config("tiny", vocab_size=tok.get_vocab_size()))
     checkpoint = tmp_path / "tiny.pt"
-    training.save_checkpoint(checkpoint, model, tok)
+    save_checkpoint(checkpoint, model, tok)
     from_checkpoint = aksis(
         cache, "tokenize", "--text", "Shall I", "--checkpoint-path", str(checkpoint)
     )
@@ -266,6 +265,8 @@ def test_load_data_bad_input(cache: Path, tmp_path: Path, sonnet: Path):
     latin.mkdir()
     (latin / "ok.txt").write_text("fine\n")
     (latin / "caf.txt").write_bytes("un café\n".encode("latin-1"))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"text": \n')  # `datasets` logs its own error: not shown
     cases = [
         (
             ["--dataset", "tinystories"],
@@ -275,6 +276,7 @@ def test_load_data_bad_input(cache: Path, tmp_path: Path, sonnet: Path):
         (["--dataset", str(empty)], ["empty.txt is empty"]),
         (["--dataset", str(pictures)], ["has no text files"]),
         (["--dataset", str(latin)], ["caf.txt is not UTF-8", "offset 6"]),
+        (["--dataset", str(broken)], ["broken.jsonl, line 2: not valid JSON"]),
         (["--dataset", str(sonnet), "--max-length", "100000"], ["--max-length", "train split"]),
         (["--batch-size", "0"], ["--batch-size", "positive integer"]),
         (["--max-length", "-3"], ["--max-length", "positive integer"]),
@@ -285,3 +287,93 @@ def test_load_data_bad_input(cache: Path, tmp_path: Path, sonnet: Path):
         assert_user_error(result, "load-data", *fragments)
         assert result.stdout == "", (args, result.stdout)
     assert_no_partial_files(cache)
+
+
+def test_load_data_in_a_full_cache(cache: Path, tmp_path: Path):
+    "A real size limit on the files written (`ulimit -f`, in KiB): one line naming the cache and AKSIS_CACHE"
+    corpus = tmp_path / "sonnets.txt"
+    corpus.write_text(
+        SONNET * 2000
+    )  # 166 kB: the Arrow file `datasets` caches does not fit in 64 KiB
+    result = subprocess.run(
+        [
+            "bash",
+            "-c",
+            'ulimit -f 64 && exec aksis load-data --dataset "$0" --max-length 8',
+            corpus,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "AKSIS_CACHE": str(cache)},
+    )
+    assert_user_error(
+        result, "load-data", f"the Aksis cache {cache} has no room left", "set AKSIS_CACHE"
+    )
+    assert result.stdout == ""
+    assert_no_partial_files(cache)
+
+
+def test_load_data_in_an_unwritable_cache(tmp_path: Path, sonnet: Path):
+    "A cache directory that cannot be created (its path runs through a file)"
+    (tmp_path / "a-file").write_text("")
+    cache = tmp_path / "a-file" / "cache"
+    assert_user_error(
+        aksis(cache, "load-data", "--dataset", str(sonnet), "--max-length", "8"),
+        "load-data",
+        f"cannot write to the Aksis cache {cache}",
+        "set AKSIS_CACHE to a writable directory",
+    )
+
+
+def test_shakespeare_chat_follows_the_corpus_split():
+    "Conversations come from the same plays as `load_corpus('shakespeare')`, split the same way"
+    from aksis.data import load_corpus, shakespeare_chat
+
+    corpus = load_corpus("shakespeare")
+    for split in ("train", "validation"):
+        text = "\n".join(corpus[split]["text"])
+        conversations = shakespeare_chat(split)
+        assert conversations and conversations == shakespeare_chat(split)  # deterministic
+        for c in conversations[::50]:
+            for message in c["messages"][2::2]:  # the assistant's words are the persona's speech
+                assert f"{c['persona']}:\n{message['content'].splitlines()[0]}" in text, message
+    assert not {c["play"] for c in shakespeare_chat("train")} & {
+        c["play"] for c in shakespeare_chat("validation")
+    }
+
+
+def test_shakespeare_chat_shape():
+    from aksis.data import shakespeare_chat
+
+    for c in shakespeare_chat("validation"):
+        assert set(c) == {"messages", "play", "scene", "persona"}
+        system, *turns = c["messages"]
+        assert system == {
+            "role": "system",
+            "content": f"You are {c['persona']} in {c['play']}, {c['scene']}. Answer in character.",
+        }
+        assert [m["role"] for m in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert turns and all(isinstance(m["content"], str) and m["content"] for m in turns)
+        assert all(
+            ": " in m["content"].split("\n")[0] for m in turns[::2]
+        )  # "NAME: ..." user turns
+
+
+def test_shakespeare_chat_persona():
+    from aksis.core import AksisError
+    from aksis.data import shakespeare_chat
+
+    portia = shakespeare_chat("validation", persona="portia")
+    assert portia and {c["persona"] for c in portia} == {"PORTIA"}
+    assert {c["play"] for c in portia} == {"The Merchant of Venice"}
+    for persona, fragment in [
+        ("Portio", "close matches: PORTIA"),
+        ("Zzyzx", "for example"),
+        ("Hamlet", "no character 'Hamlet' speaks in the validation plays"),
+    ]:
+        with pytest.raises(AksisError, match=fragment) as error:
+            shakespeare_chat("validation", persona=persona)
+        assert "\n" not in str(error.value)
+    with pytest.raises(AksisError, match="unknown split 'test'"):
+        shakespeare_chat("test")

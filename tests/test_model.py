@@ -1,6 +1,7 @@
-"The model as other code and users meet it: cached decoding in any chunking, and GPT-2 loading offline."
+"The model as other code and users meet it: cached decoding in any chunking, checkpoints, and GPT-2 as a starting point (offline)."
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aksis.core import AksisError, model_config
-from aksis.model import GPT, KVCache
+from aksis.model import GPT, KVCache, grow_vocab, load_checkpoint, load_gpt2, save_checkpoint
+from aksis.tokenizer import (
+    ASSISTANT,
+    END_TURN,
+    EOT,
+    SPECIAL_TOKENS,
+    USER,
+    tokenizer_from_json,
+    train_tokenizer,
+)
 
 CONFIG = model_config(
     "tiny", vocab_size=50, max_seq_len=32, n_layer=2, n_head=2, d_model=32, d_ff=64
@@ -101,3 +111,209 @@ except AksisError as e:
         result.stdout.strip()
         == "GPT-2 interchange needs Hugging Face transformers: pip install transformers"
     )
+
+
+def tiny_checkpoint(path):
+    "Save a tiny model and the tokenizer it reads to `path`; return the model"
+    tokenizer = train_tokenizer(["to be or not to be"] * 10, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(model_config("tiny", vocab_size=tokenizer.get_vocab_size()))
+    save_checkpoint(path, model, tokenizer, {"step": 1})
+    return model
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint.config == model.config and checkpoint.train_state == {"step": 1}
+    assert all(
+        torch.equal(checkpoint.model.state_dict()[k], v) for k, v in model.state_dict().items()
+    )
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, value):
+    "A diverged run (say `--learning-rate inf`) saves NaN weights; loading them is a one-line error"
+    tiny_checkpoint(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state["model"]["ln_f.weight"][0] = value
+    torch.save(state, tmp_path / "diverged.pt")
+    with pytest.raises(AksisError, match="non-finite weights") as error:
+        load_checkpoint(tmp_path / "diverged.pt")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ulimit -f is POSIX")
+def test_save_past_a_file_size_limit_keeps_the_old_checkpoint(tmp_path):
+    "A real write failure (EFBIG under `ulimit -f`, which torch.save reports as a RuntimeError) is one line"
+    tiny_checkpoint(tmp_path / "model.pt")
+    old = (tmp_path / "model.pt").read_bytes()
+    code = f"""
+from aksis.core import AksisError
+from aksis.model import load_checkpoint, save_checkpoint
+ckpt = load_checkpoint({str(tmp_path / "model.pt")!r})
+try:
+    save_checkpoint({str(tmp_path / "model.pt")!r}, ckpt.model, ckpt.tokenizer, {{"step": 2}})
+except AksisError as e:
+    print(e)
+"""
+    limit_kib = len(old) // 1024 // 2
+    result = subprocess.run(
+        ["bash", "-c", f'ulimit -f {limit_kib} && exec "$@"', "bash", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"could not write {tmp_path / 'model.pt'}: File too large\n"
+    assert (tmp_path / "model.pt").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_checkpoint_info_round_trip_and_older_files(tmp_path):
+    "`info` comes back as saved; a file written before checkpoints had `info` loads with {}"
+    model = tiny_checkpoint(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    info = {"fine_tuned": {"task": "chat", "init_from": "gpt2", "dataset": "shakespeare-chat"}}
+    save_checkpoint(
+        tmp_path / "tuned.pt", model, tokenizer_from_json(state["tokenizer"]), None, info
+    )
+    assert load_checkpoint(tmp_path / "tuned.pt").info == info
+    del state["info"]
+    torch.save(state, tmp_path / "older.pt")
+    assert load_checkpoint(tmp_path / "older.pt").info == {}
+    with pytest.raises(AksisError, match="plain data"):
+        save_checkpoint(
+            tmp_path / "odd.pt",
+            model,
+            tokenizer_from_json(state["tokenizer"]),
+            info={"x": object()},
+        )
+    assert not (tmp_path / "odd.pt").exists()
+
+
+def write_tiny_gpt2(directory, tokenizer_files="tokenizer.json"):
+    "A random 2-layer GPT-2 and a GPT-2-style byte-level BPE (only `<|endoftext|>` special), as transformers saves them"
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["Now is the winter of our discontent"] * 20, trainer)
+    config = transformers.GPT2Config(
+        vocab_size=bpe.get_vocab_size(), n_positions=128, n_embd=32, n_layer=2, n_head=2
+    )
+    torch.manual_seed(5)
+    transformers.GPT2LMHeadModel(config).save_pretrained(directory)
+    if tokenizer_files == "tokenizer.json":
+        bpe.save(str(directory / "tokenizer.json"))
+    else:
+        bpe.model.save(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def test_load_gpt2_from_a_directory_matches_transformers(gpt2_dir, capfd):
+    import transformers
+
+    model, tokenizer = load_gpt2(str(gpt2_dir))
+    assert capfd.readouterr() == ("", "")  # no "Loading weights" progress bar or warnings
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    old = hf.config.vocab_size
+    ids = torch.tensor([tokenizer.encode("Now is the winter of our discontent, made glorious").ids])
+    assert ids.max() < old
+    with torch.no_grad():
+        ours = model.eval()(ids)[0]
+        assert (ours[..., :old] - hf(ids).logits).abs().max() <= 1e-4
+    new_ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    assert new_ids == [0, *range(old, old + len(SPECIAL_TOKENS) - 1)]  # EOT keeps its id
+    assert model.config.vocab_size == tokenizer.get_vocab_size() == old + len(SPECIAL_TOKENS) - 1
+    assert all(
+        i < old for i in tokenizer.encode(f"{USER}{END_TURN}{EOT}").ids
+    )  # typed, not special
+
+
+def test_grow_vocab_keeps_old_rows_and_ties_the_output_layer():
+    torch.manual_seed(0)
+    model = GPT(CONFIG)
+    old = model.wte.weight.detach().clone()
+    grow_vocab(model, CONFIG.vocab_size + 3)
+    assert torch.equal(model.wte.weight[: CONFIG.vocab_size].detach(), old)
+    assert torch.allclose(model.wte.weight[CONFIG.vocab_size :].detach(), old.mean(0).expand(3, -1))
+    assert model.lm_head.weight is model.wte.weight
+    assert model(torch.tensor([[CONFIG.vocab_size + 2]]))[0].shape == (1, 1, CONFIG.vocab_size + 3)
+
+
+def test_load_gpt2_from_vocab_and_merges(gpt2_dir, tmp_path):
+    old_style = write_tiny_gpt2(tmp_path / "old", tokenizer_files="vocab.json")
+    text = "Made glorious summer by this sun of York"
+    assert (
+        load_gpt2(str(old_style))[1].encode(text).ids
+        == load_gpt2(str(gpt2_dir))[1].encode(text).ids
+    )
+
+
+def test_load_gpt2_checkpoint_round_trip_and_generation(gpt2_dir, tmp_path):
+    "A GPT-2 start is an ordinary Aksis model: saved, loaded, and decoded with the KV cache"
+    model, tokenizer = load_gpt2(str(gpt2_dir))
+    save_checkpoint(tmp_path / "gpt2.pt", model, tokenizer, info={"init_from": str(gpt2_dir)})
+    checkpoint = load_checkpoint(tmp_path / "gpt2.pt")
+    assert checkpoint.tokenizer.to_str() == tokenizer.to_str()
+    assert checkpoint.info == {"init_from": str(gpt2_dir)}
+    prompt = [tokenizer.token_to_id(USER), *tokenizer.encode("Now is").ids]
+    prompt += [tokenizer.token_to_id(END_TURN), tokenizer.token_to_id(ASSISTANT)]
+    idx = torch.tensor([prompt])
+    cache = KVCache(checkpoint.config, 1, "cpu")
+    with torch.no_grad():
+        assert torch.equal(checkpoint.model(idx)[0], model.eval()(idx)[0])
+        logits = checkpoint.model(idx, kv_cache=cache)[0]
+        for _ in range(4):
+            idx = torch.cat([idx, logits[:, -1:].argmax(-1)], dim=1)
+            logits = checkpoint.model(idx[:, -1:], kv_cache=cache)[0]
+            assert (logits - checkpoint.model(idx)[0][:, -1:]).abs().max() <= 1e-5
+    assert isinstance(checkpoint.tokenizer.decode(idx[0].tolist()), str)
+
+
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ("empty", "is not a GPT-2 model directory (no readable config.json)"),
+        ("bert", "is not a GPT-2 model directory (a bert model)"),
+        ("no-weights", "cannot load the GPT-2 in"),
+        ("no-tokenizer", "has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt"),
+    ],
+)
+def test_load_gpt2_refuses_a_directory_without_a_gpt2(gpt2_dir, tmp_path, layout, message):
+    directory = tmp_path / layout
+    if layout == "no-tokenizer":
+        shutil.copytree(gpt2_dir, directory, ignore=shutil.ignore_patterns("tokenizer.json"))
+    else:
+        directory.mkdir()
+    if layout == "bert":
+        (directory / "config.json").write_text('{"model_type": "bert"}')
+    if layout == "no-weights":
+        shutil.copy(gpt2_dir / "config.json", directory)
+    with pytest.raises(AksisError) as error:
+        load_gpt2(str(directory))
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_load_gpt2_offline_fails_fast(tmp_path):
+    code = LOAD_GPT2.replace("from_pretrained", "load_gpt2")
+    result, seconds = run_python(code, HF_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "cannot load 'gpt2': it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; connect to the internet and retry"
+    )
+    assert seconds < 60

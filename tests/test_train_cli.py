@@ -3,17 +3,20 @@
 import contextlib
 import io
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from aksis.cli import main
-from aksis.training import load_checkpoint
+from aksis.model import load_checkpoint
 
 VERSE = (
     "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
@@ -90,17 +93,48 @@ def test_spec_example_flags(tmp_path, env):
     assert "(torch.bfloat16)" in result.stdout and "step 2/2" in result.stdout, result.stdout
 
 
+def read_lines(process):
+    "A queue that a thread fills with `process`'s stdout lines, and the thread"
+    lines = queue.Queue()
+    reader = threading.Thread(
+        target=lambda: [lines.put(line) for line in process.stdout], daemon=True
+    )
+    reader.start()
+    return lines, reader
+
+
+def wait_for_line(lines, process, prefix, timeout):
+    "Take lines from `lines` until one starts with `prefix`; kill `process` and fail after `timeout` s"
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if lines.get(timeout=left).startswith(prefix):
+                return
+        except queue.Empty:
+            break
+    process.kill()
+    pytest.fail(f"no line starting with {prefix!r} within {timeout} s (exit code {process.poll()})")
+
+
 def test_ctrl_c_saves_and_resumes_exactly(corpus, tmp_path, env):
+    "Progress reaches a pipe as it happens, without PYTHONUNBUFFERED; Ctrl-C saves and resumes exactly"
+    env = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}
     run = ["--max-steps", "60", "--eval-every", "10", "--dropout", "0.1"]
     full = aksis(*tiny(corpus, tmp_path / "full", *run), env=env)
     assert full.returncode == 0, full.stderr
-    process = subprocess.Popen(["aksis", *tiny(corpus, tmp_path / "cut", *run)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    for line in process.stdout:
-        if line.startswith("step 10/60"):
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(["aksis", *tiny(corpus, tmp_path / "cut", *run)], env=env,
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
+        try:
+            lines, reader = read_lines(process)
+            wait_for_line(lines, process, "step 10/60", timeout=120)
             process.send_signal(signal.SIGINT)
-            break
-    out, err = process.communicate(timeout=120)
+            process.wait(timeout=120)
+            reader.join(timeout=10)
+        finally:
+            process.kill()
+        stderr.seek(0)
+        out, err = "".join(lines.queue), stderr.read()
     assert process.returncode == 130, err
     assert "interrupted after step" in out and err.strip() == "aksis train-model: interrupted", (
         out,
@@ -115,6 +149,14 @@ def test_ctrl_c_saves_and_resumes_exactly(corpus, tmp_path, env):
         losses(tmp_path / "full" / "latest.pt"),
     )
     assert resumed[0] == pytest.approx(expected[0], rel=1e-5)
+
+
+def test_progress_lines_without_a_terminal(corpus, tmp_path, env):
+    result = aksis(*tiny(corpus, tmp_path / "ckpts", "--max-steps", "20"), env=env)
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stdout.splitlines() if "tokens/s, ETA" in line]
+    assert [line.split(":")[0] for line in progress] == ["step 10/20", "step 20/20"], result.stdout
+    assert "\r" not in result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +201,9 @@ def test_incompatible_or_corrupt_checkpoint(trained, tmp_path, env):
     )
     assert_one_line_error(result, "d_model=64 (not 128)")
     result = aksis(
-        "train-model", "--resume", str(trained / "latest.pt"), "--preset", "tiny", env=env
+        "train-model", "--resume", str(trained / "latest.pt"), "--preset", "shakespeare", env=env
     )
-    assert_one_line_error(result, "--preset cannot be combined with --resume")
+    assert_one_line_error(result, "n_layer=2 (not 4), n_head=2 (not 4), d_model=64 (not 256)")
     (tmp_path / "half.pt").write_bytes(before[: len(before) // 2])
     result = aksis("train-model", "--resume", str(tmp_path / "half.pt"), env=env)
     assert_one_line_error(result, "not a readable checkpoint")
@@ -171,6 +213,92 @@ def test_incompatible_or_corrupt_checkpoint(trained, tmp_path, env):
     result = aksis("train-model", "--resume", str(tmp_path / "mismatch.pt"), env=env)
     assert_one_line_error(result, "incompatible with its config")
     assert (trained / "latest.pt").read_bytes() == before
+
+
+def test_resume_as_users_type_it(corpus, trained, tmp_path, env):
+    "The command that started a run, with --resume added, continues it"
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(trained, ckpts)
+    result = aksis(
+        *tiny(corpus, ckpts, "--resume", str(ckpts / "latest.pt"), "--max-steps", "3"), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "steps 3-3 of 3" in result.stdout, result.stdout
+    assert load_checkpoint(ckpts / "latest.pt").train_state["step"] == 3
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: s["config"].update(flash=True), "newer Aksis (unknown settings: flash)"),
+        (lambda s: s.pop("optimizer"), "training state lacks optimizer"),
+        (lambda s: s.update(step="2"), "invalid step '2'"),
+    ],
+)
+def test_damaged_training_state_is_one_line(damage, message, trained, tmp_path, env):
+    checkpoint = torch.load(trained / "latest.pt", weights_only=True)
+    damage(checkpoint["train_state"])
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    assert_one_line_error(
+        aksis("train-model", "--resume", str(tmp_path / "damaged.pt"), env=env), message
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--seed=-1"], "invalid seed -1"),
+        (["--seed", str(10**23)], "invalid seed"),
+        (["--learning-rate", "inf"], "learning"),
+        (["--max-seq-len", "512"], "lower --batch-size, --grad-accum-steps or --max-seq-len"),
+        (["--max-seq-len", "512", "--max-steps", "3"], "or --max-seq-len, or use more text"),
+    ],
+)
+def test_bad_numbers_are_one_line_and_write_nothing(flags, message, corpus, tmp_path, env):
+    "Out-of-range numbers, and a corpus shorter than one step's windows (with or without --max-steps)"
+    ckpts = tmp_path / "checkpoints"
+    short = tmp_path / "short.txt"
+    short.write_text(VERSE * 4)
+    dataset = short if "--max-seq-len" in flags else corpus
+    result = aksis(*tiny(dataset, ckpts, *flags), env=env)
+    assert_one_line_error(result, message)
+    assert not ckpts.exists()
+
+
+def test_an_existing_run_is_not_replaced(corpus, trained, env):
+    before = (trained / "best.pt").read_bytes()
+    result = aksis(*tiny(corpus, trained, "--max-steps", "1"), env=env)
+    assert_one_line_error(result, f"continue it with --resume {trained / 'latest.pt'}")
+    assert (trained / "best.pt").read_bytes() == before
+
+
+def test_checkpoint_dir_that_cannot_be_one(corpus, tmp_path, env):
+    assert_one_line_error(aksis(*tiny(corpus, corpus, "--max-steps", "1"), env=env), "is a file")
+    result = aksis(*tiny(corpus, corpus / "checkpoints", "--max-steps", "1"), env=env)
+    assert_one_line_error(result, "cannot create --checkpoint-dir")
+
+
+def test_divergence_stops_without_saving_it(corpus, tmp_path, env):
+    ckpts = tmp_path / "checkpoints"
+    result = aksis(*tiny(corpus, ckpts, "--learning-rate", "1e30", "--eval-every", "1"), env=env)
+    assert_one_line_error(result, "training diverged at step")
+    for path in ckpts.glob("*.pt"):
+        assert all(p.isfinite().all() for p in load_checkpoint(path).model.parameters()), path
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, env):
+    "A file-size limit below a checkpoint's size makes every save fail as on a full disk"
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(trained, ckpts)
+    before = (ckpts / "latest.pt").read_bytes()
+    assert len(before) > 1_100_000  # over the limit below
+    command = f"ulimit -f 1000; aksis train-model --resume {ckpts / 'latest.pt'} --max-steps 4"
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, env=env, timeout=180
+    )
+    assert_one_line_error(result, "could not write")
+    assert (ckpts / "latest.pt").read_bytes() == before
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]
 
 
 def run_main(*argv):
