@@ -155,11 +155,12 @@ IDENTITY = [
 
 
 def identity_conversations(
-    repeat: int = 4,  # Copies of each, so that they weigh a little in a large set
+    among: int,  # How many other conversations they are mixed into
+    share: float = 0.02,  # The fraction of the mix they make up (at least one copy of each)
 ) -> list[list[Message]]:
-    "Short conversations, without a system prompt, in which the assistant says who it is: Aksis"
+    "Short conversations, without a system prompt, in which the assistant says who it is (Aksis), repeated to make up `share` of the mix"
     one = [[Message("user", q), Message("assistant", a)] for q, a in IDENTITY]
-    return one * repeat
+    return one * max(1, round(share * among / ((1 - share) * len(one))))
 
 # %% ../nbs/08_finetune.ipynb #e0be9819
 def _is_chat_jsonl(path: Path) -> bool:
@@ -215,7 +216,7 @@ def load_conversations(
             ]
             for split in ("train", "validation")
         }
-        splits["train"] += identity_conversations()
+        splits["train"] += identity_conversations(len(splits["train"]))
         return splits
     if persona is not None:
         raise AksisError("--persona applies only to --dataset shakespeare-chat")
@@ -422,7 +423,6 @@ FINE_TUNE_DEFAULTS: dict[str, Any] = dict(
     warmup_steps=30,
     weight_decay=0.0,
     eval_every=100,
-    mixed_precision=True,
     checkpoint_dir="finetuned",
 )
 

@@ -10,7 +10,7 @@ __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_fil
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from .core import AksisError, get_device, mixed_precision
-from .model import GPT, Checkpoint, KVCache, load_checkpoint
+from .core import AksisError, get_device, precision_for
+from .model import GPT, Checkpoint, KVCache, decoding_layout, load_checkpoint
 from .tokenizer import SPECIAL_TOKENS
 
 # %% ../nbs/06_generation.ipynb #98251d5f
@@ -179,6 +179,37 @@ def _random_generator(device: torch.device, seed: int | None) -> torch.Generator
         generator.manual_seed(seed)
     return generator
 
+# %% ../nbs/06_generation.ipynb #fb730963
+def _use_graph(model: GPT, length: int) -> bool:
+    "Whether to replay the decode step from a CUDA graph: on CUDA, when a text of `length` tokens fits the cache"
+    return _model_device(model).type == "cuda" and length <= model.config.max_seq_len
+
+
+def _graph_step(
+    model: GPT,  # A GPT in eval mode, on a CUDA device
+    kv_cache: KVCache,  # Its cache after the prefill; from now on its `pos` is a tensor
+) -> Callable[[Tensor], Tensor]:
+    "A decode step recorded in a CUDA graph: give it the (B,) new ids, get the next-token logits (B, vocab) in fp32"
+    ids = torch.zeros(kv_cache.batch_size, 1, dtype=torch.long, device=kv_cache.k.device)
+    kv_cache.pos = torch.tensor(kv_cache.pos, device=ids.device)  # the graph advances it in place
+    start = kv_cache.pos.clone()
+    warm_up = torch.cuda.Stream(ids.device)  # the first call sets up libraries, outside the graph
+    warm_up.wait_stream(torch.cuda.current_stream(ids.device))
+    with torch.cuda.stream(warm_up):
+        model(ids, kv_cache=kv_cache)  # writes a slot that the first real step overwrites
+    torch.cuda.current_stream(ids.device).wait_stream(warm_up)
+    kv_cache.pos.copy_(start)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(ids, kv_cache=kv_cache)[0][:, -1].float()  # (B, vocab)
+
+    def step(next_ids: Tensor) -> Tensor:
+        ids.copy_(next_ids.view(-1, 1))
+        graph.replay()
+        return logits
+
+    return step
+
 # %% ../nbs/06_generation.ipynb #a9924743
 @torch.inference_mode()
 def generate_ids(
@@ -191,6 +222,7 @@ def generate_ids(
     config = config or GenerationConfig()
     if not prompt_ids:
         raise AksisError("the prompt is empty: give at least one token to continue from")
+    decoding_layout(model)
     if config.sampler == "beam":
         yield from _beam_search(model, prompt_ids, config, stop_ids)
         return
@@ -204,6 +236,7 @@ def generate_ids(
     tokens[0, :n_prompt] = torch.tensor(prompt_ids)
     kv_cache = _new_cache(model, 1)
     logits = _extend(model, kv_cache, tokens[:, :n_prompt], n_prompt)  # prefill
+    graph_step = _graph_step(model, kv_cache) if _use_graph(model, tokens.size(1)) else None
     penalize = config.repetition_penalty != 1.0
     for n in range(n_prompt, n_prompt + config.max_new_tokens):
         next_id = sample(logits, config, generator, tokens[:, :n] if penalize else None)
@@ -212,7 +245,9 @@ def generate_ids(
             return
         yield token
         tokens[0, n] = next_id[0]
-        if n + 1 < tokens.size(1):
+        if n + 1 < tokens.size(1) and graph_step:
+            logits = graph_step(next_id)  # decode, replaying the recorded step
+        elif n + 1 < tokens.size(1):
             logits = _extend(model, kv_cache, tokens[:, : n + 1], 1)  # decode
 
 # %% ../nbs/06_generation.ipynb #acae54e37e7d407bbb7b55eff062a284
@@ -255,7 +290,7 @@ def _greedy_lookahead(
             remaining -= 1
             if not remaining:
                 return
-        room = max_seq_len - kv_cache.pos - 1  # cache slots left beside the last token
+        room = max_seq_len - int(kv_cache.pos) - 1  # cache slots left beside the last token
         guess = prompt_lookup(ids, min(config.lookahead, remaining - 1, room))
         if not guess:
             tokens = torch.tensor([ids[-max_seq_len:]], device=device)
@@ -402,12 +437,12 @@ def generate(
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
     device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
-    half_precision: bool = False,  # Cast the weights to 16 bits (bf16 where supported, else fp16)
+    precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s 16-bit type
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
     torch_device = get_device(device)
+    dtype = precision_for(torch_device, precision).dtype
     checkpoint = load_checkpoint(checkpoint_path, torch_device)
-    dtype = mixed_precision(torch_device, half_precision).dtype
     if dtype is not None:
         checkpoint.model.to(dtype)
     return checkpoint

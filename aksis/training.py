@@ -35,13 +35,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from aksis.core import (
+    PRECISIONS,
     AksisError,
     ModelConfig,
     Precision,
     atomic_path,
     get_device,
-    mixed_precision,
     model_config,
+    precision_for,
     remove_stale_temps,
 )
 from .data import corpus_tokenizer, make_loader, token_stream
@@ -112,12 +113,15 @@ def make_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),  # Adam's moment decay rates
     muon_lr: float | None = None,  # Train the weight matrices with Muon at this rate (`MuonAdamW`)
 ) -> torch.optim.Optimizer:
-    "AdamW over `param_groups` (the fused kernel on CUDA), or Muon for the matrices if `muon_lr`"
+    "AdamW over `param_groups` (fused on CUDA), or Muon for the matrices if `muon_lr` (bf16 where it is fast)"
     groups = param_groups(model, weight_decay)
+    device = next(model.parameters()).device
+    fused = device.type == "cuda"
     if muon_lr is not None:
         groups[0].update(muon=True, lr=muon_lr)
-        return MuonAdamW(groups, lr=learning_rate, betas=betas)
-    fused = next(model.parameters()).device.type == "cuda"
+        fast_bf16 = precision_for(device).dtype == torch.bfloat16
+        ns_dtype = torch.bfloat16 if fast_bf16 else torch.float32
+        return MuonAdamW(groups, learning_rate, betas, ns_dtype=ns_dtype, fused=fused)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
 # %% ../nbs/05_training.ipynb #f5c7037f
@@ -201,7 +205,9 @@ class TrainConfig:
     muon_lr: float = 0.006  # Muon's peak learning rate (with `optimizer="muon"`)
     grad_clip: float = 1.0  # Largest gradient norm
     token_noise: float = 0.0  # Fraction of input tokens replaced by random ones (a regularizer)
-    mixed_precision: bool = False  # bf16 (or fp16 with a scaler) autocast; off is fp32
+    precision: str = (
+        "auto"  # `auto` (16 bits where the hardware runs them fast), `fp32`, `bf16` or `fp16`
+    )
     compile: bool = False  # Compile the model with `torch.compile`
     eval_every: int = 250  # Evaluate and save `latest.pt` every this many steps
     log_every: int = 10  # Without a terminal, print a progress line every this many steps
@@ -227,6 +233,7 @@ class TrainConfig:
             "muon_lr": (0 < self.muon_lr < math.inf, f"{finite} > 0"),
             "grad_clip": (0 < self.grad_clip < math.inf, f"{finite} > 0"),
             "token_noise": (0 <= self.token_noise < 1, "in [0, 1)"),
+            "precision": (self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             "eval_every": (self.eval_every >= 1, positive),
             "log_every": (self.log_every >= 1, positive),
             "seed": (0 <= self.seed < 2**32, "an integer in [0, 2**32 - 1]"),
@@ -250,7 +257,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         muon_lr=0.006,
         weight_decay=0.5,
         token_noise=0.1,
-        mixed_precision=True,
+        precision="auto",
         eval_every=250,
     ),
 }
@@ -429,7 +436,7 @@ class Trainer:
         new_run = not (checkpoint and checkpoint.train_state)
         _check_checkpoint_dir(Path(config.checkpoint_dir), new_run)
         self.rank, self.world_size, self.device = _init_distributed(config.device)
-        self.precision = mixed_precision(self.device, config.mixed_precision)
+        self.precision = precision_for(self.device, config.precision)
         self.data = data
         self.info = info if info is not None else (checkpoint.info if checkpoint else {})
         if data is None:
@@ -690,6 +697,8 @@ def _saved_config(
         if type(state[key]) is not int or state[key] < 0:
             raise AksisError(f"{source} has an invalid {key} {state[key]!r}: it cannot be resumed")
     saved = {k: v for k, v in dict(state["config"]).items() if k != "progress"}  # older versions'
+    if "mixed_precision" in saved:  # before `precision`, on meant the 16-bit type: now `auto`
+        saved["precision"] = "auto" if saved.pop("mixed_precision") else "fp32"
     if unknown := sorted(set(saved) - {f.name for f in fields(TrainConfig)}):
         raise AksisError(
             f"{source} was written by a newer Aksis (unknown settings: {', '.join(unknown)}): upgrade aksis to resume it"
@@ -903,7 +912,9 @@ def resume(
         raise AksisError(
             f"{path} was trained with {', '.join(clashes)}: a resumed run keeps its model, tokenizer, data, optimizer and learning rates, so drop those flags or start a new run in another --checkpoint-dir"
         )
-    settings = {k: v for k, v in overrides.items() if k not in _SHAPE}
+    settings = {"checkpoint_dir": str(Path(path).parent)} | {
+        k: v for k, v in overrides.items() if k not in _SHAPE
+    }  # the run goes on beside its checkpoint, wherever that has moved, unless told otherwise
     if unknown := sorted(set(settings) - {f.name for f in fields(TrainConfig)}):
         raise AksisError(f"unknown training settings: {', '.join(unknown)}")
     return Trainer(
@@ -914,10 +925,11 @@ def resume(
 def orthogonalize(
     g: Tensor,  # A (m, n) matrix: a weight matrix's momentum-averaged gradient
     steps: int = 5,  # Newton–Schulz iterations
+    dtype: torch.dtype = torch.float32,  # The type the iteration runs in (bf16 where it is fast)
 ) -> Tensor:
-    "Roughly the nearest semi-orthogonal matrix to `g` (U Vᵀ of its SVD), by Muon's quintic Newton–Schulz iteration in bf16"
+    "Roughly the nearest semi-orthogonal matrix to `g` (U Vᵀ of its SVD), by Muon's quintic Newton–Schulz iteration"
     a, b, c = 3.4445, -4.7750, 2.0315  # p(σ) = aσ + bσ³ + cσ⁵ lifts small singular values fast
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T  # iterate on the wide side: the Gram matrix is the smaller (min(m, n))²
@@ -929,7 +941,7 @@ def orthogonalize(
 
 # %% ../nbs/05_training.ipynb #f8774848
 class MuonAdamW(torch.optim.Optimizer):
-    "`torch.optim.Muon` for the param groups marked `muon=True` (hidden weight matrices), `torch.optim.AdamW` for the others"
+    "Muon (as `torch.optim.Muon` computes it) for the param groups marked `muon=True`, `torch.optim.AdamW` for the others"
 
     def __init__(
         self,
@@ -937,35 +949,50 @@ class MuonAdamW(torch.optim.Optimizer):
         lr: float,  # Peak learning rate of the groups that do not set their own
         betas: tuple[float, float] = (0.9, 0.95),  # AdamW's moment decay rates
         momentum: float = 0.95,  # Muon's momentum (Nesterov)
+        ns_dtype: torch.dtype = torch.float32,  # The type of Muon's Newton–Schulz iteration
+        fused: bool = False,  # AdamW's fused kernel (for CUDA)
     ):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, muon=False))
-        muon, adamw = self._split()
-        self.muon = torch.optim.Muon(muon, lr=lr, momentum=momentum, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW(adamw, lr=lr, betas=betas, weight_decay=0.0)
+        defaults = dict(lr=lr, betas=betas, momentum=momentum, weight_decay=0.0, muon=False)
+        super().__init__(groups, defaults)
+        self.ns_dtype = ns_dtype
+        self.adamw = torch.optim.AdamW(
+            self._adamw_groups(), lr=lr, betas=betas, weight_decay=0.0, fused=fused
+        )
         self._share()
 
-    def _split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        "The Muon groups and the AdamW groups"
-        return [g for g in self.param_groups if g["muon"]], [
-            g for g in self.param_groups if not g["muon"]
-        ]
+    def _adamw_groups(self) -> list[dict[str, Any]]:
+        "The param groups not marked for Muon"
+        return [g for g in self.param_groups if not g["muon"]]
 
     def _share(self) -> None:
-        "Let both optimizers work on this one's param groups (completed with their defaults) and state"
-        for optimizer, groups in zip((self.muon, self.adamw), self._split(), strict=True):
-            for group in groups:
-                for key, value in optimizer.defaults.items():
-                    group.setdefault(key, value)
-            optimizer.param_groups = groups
-            optimizer.state = self.state
+        "Let AdamW work on this optimizer's AdamW groups (completed with its defaults) and state"
+        groups = self._adamw_groups()
+        for group in groups:
+            for key, value in self.adamw.defaults.items():
+                group.setdefault(key, value)
+        self.adamw.param_groups, self.adamw.state = groups, self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        "Load `state_dict` (from `state_dict`) into both optimizers"
+        "Load `state_dict` (from `state_dict`), and share it with AdamW again"
         super().load_state_dict(state_dict)
         self._share()
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
         "Update every parameter that has a gradient"
-        self.muon.step()
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group)
         self.adamw.step()
+
+    def _muon_step(self, group: dict[str, Any]) -> None:
+        "`torch.optim.Muon`'s update of `group`, with `adjust_lr_fn='match_rms_adamw'`"
+        lr, momentum = group["lr"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            buffer.lerp_(p.grad, 1 - momentum)
+            update = orthogonalize(p.grad.lerp(buffer, momentum), dtype=self.ns_dtype)  # Nesterov
+            p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay
+            p.add_(update, alpha=-lr * (0.2 * math.sqrt(max(p.shape))))  # AdamW's size per entry

@@ -175,13 +175,13 @@ class ChatWidget(widgets.VBox):
         context_file: str
         | Path
         | None = None,  # JSON file loaded at the start if present, written after every turn
-        half_precision: bool = False,  # Cast the weights to 16 bits (see `load_for_inference`)
+        precision: str = "fp32",  # The weights' type (see `load_for_inference`)
         markdown: bool = False,  # Show replies as Markdown (safely: HTML in them stays text)
     ):
         self.chat = Chat.from_checkpoint(
             checkpoint_path,
             device,
-            half_precision,
+            precision,
             config=config,
             system_prompt=system_prompt,
             context_file=context_file,

@@ -1,6 +1,7 @@
 "End-to-end runs of the installed `aksis` console script, as a user would type them."
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def test_help_lists_the_commands():
         "chat-with-model",
         "train-model",
         "fine-tune",
+        "benchmark-inference",
     ]
     assert sorted(listed) == sorted(commands)
 
@@ -71,10 +73,15 @@ def test_no_command_prints_help_and_fails():
     assert result.stdout == aksis_cli("--help").stdout
 
 
-def test_info_reports_the_default_device():
-    result = aksis_cli("info")
+def test_info_reports_the_default_device_and_precision(tmp_path):
+    env = {**os.environ, "AKSIS_CACHE": str(tmp_path)}  # where the CPU probe is cached
+    result = subprocess.run(["aksis", "info"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "default device: cpu" in result.stdout or "default device: cuda" in result.stdout
+    # the choice and its reason: the measured speeds, where they are cached
+    pattern = r"^cpu precision \(auto\): (bf16|fp32) \(.+: bf16 matmul [0-9.]+ GFLOP/s vs fp32 [0-9.]+ GFLOP/s, measured now; cached in (.+)\)$"
+    match = re.search(pattern, result.stdout, re.M)
+    assert match and Path(match[2]) == tmp_path / "cpu_speed.json", result.stdout
 
 
 def test_help_does_not_import_heavy_packages():
@@ -108,7 +115,7 @@ def test_every_training_setting_has_a_flag_with_its_default():
         flag = options.pop("--" + field.name.replace("_", "-"))
         if field.default is not None:
             assert flag["help"].endswith(f"(default: {field.default})"), (field.name, flag)
-    assert set(options) == {"--preset", "--resume"}
+    assert set(options) == {"--preset", "--resume", "--mixed-precision", "--no-mixed-precision"}
     # a flag left out is not parsed at all, so that a recipe or a resumed run supplies it
     assert vars(build_parser().parse_args(["train-model"])) == {"command": "train-model"}
     help = aksis_cli("train-model", "--help").stdout

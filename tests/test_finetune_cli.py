@@ -69,7 +69,7 @@ def chats(tmp_path_factory):
 def tune(start, data, ckpts, *extra):
     "Flags of a small, fast fine-tuning run"
     return ["fine-tune", "--init-from", str(start), "--dataset", str(data), "--device", "cpu",
-            "--batch-size", "2", "--warmup-steps", "1", "--eval-every", "2", "--no-mixed-precision",
+            "--batch-size", "2", "--warmup-steps", "1", "--eval-every", "2", "--precision", "fp32",
             "--checkpoint-dir", str(ckpts), *extra]  # fmt: skip
 
 
@@ -78,7 +78,7 @@ def test_fine_tune_and_resume_equals_straight_run(base, chats, tmp_path, env, mo
 
     monkeypatch.setenv("AKSIS_CACHE", env["AKSIS_CACHE"])
     settings = dict(device="cpu", batch_size=2, warmup_steps=1, eval_every=2, max_steps=4,
-                    mixed_precision=False)  # fmt: skip
+                    precision="fp32")  # fmt: skip
     straight = fine_tune(str(base), str(chats), checkpoint_dir=str(tmp_path / "a"), **settings)
     straight.fit()
     paused = fine_tune(str(base), str(chats), checkpoint_dir=str(tmp_path / "b"), **settings)

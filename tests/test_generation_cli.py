@@ -322,25 +322,22 @@ def test_lookahead_gives_the_same_text(workdir):
     assert len(texts[0].stdout) > len("Once upon a time\n")
 
 
-def test_half_precision_generation(workdir):
+def test_16_bit_generation(workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AKSIS_CACHE", str(tmp_path))  # where auto's CPU probe is cached
     ckpt = workdir / "checkpoints" / "epoch_10.pt"
-    model = load_for_inference(ckpt, "cpu", half_precision=True).model
+    model = load_for_inference(ckpt, "cpu", precision="bf16").model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in load_for_inference(ckpt, "cpu").model.parameters()} == {torch.float32}
-    result = aksis_cli(
-        "generate-text",
-        "--checkpoint-path",
-        str(ckpt),
-        "--prompt",
-        "Once",
-        "--mixed-precision",
-        "--device",
-        "cpu",
-        "--seed",
-        "0",
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Once") and len(result.stdout) > len("Once\n")
+    prompt = ["--checkpoint-path", str(ckpt), "--prompt", "Once", "--device", "cpu", "--seed", "0"]
+    texts = {}
+    for flags in (["--precision", "bf16"], ["--mixed-precision"], ["--no-mixed-precision"], []):
+        result = aksis_cli("generate-text", *prompt, *flags)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("Once") and len(result.stdout) > len("Once\n")
+        texts[" ".join(flags)] = result.stdout
+    assert texts["--no-mixed-precision"] == texts[""]  # fp32, the default
+    result = aksis_cli("generate-text", *prompt, "--precision", "fp8")
+    assert result.returncode == 2 and "invalid choice: 'fp8'" in result.stderr
 
 
 def test_ctrl_c_at_the_prompt_leaves_quietly(workdir):

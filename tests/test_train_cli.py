@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import json
 import os
 import queue
 import shutil
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from aksis.cli import main
+from aksis.core import BF16_MARGIN
 from aksis.model import load_checkpoint
 
 VERSE = (
@@ -90,7 +92,11 @@ def test_spec_example_flags(tmp_path, env):
                    "--mixed-precision", "--preset", "tiny", "--max-steps", "2",
                    "--checkpoint-dir", str(tmp_path / "ckpts"), env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "(torch.bfloat16)" in result.stdout and "step 2/2" in result.stdout, result.stdout
+    (speed,) = json.loads((Path(env["AKSIS_CACHE"]) / "cpu_speed.json").read_text()).values()
+    dtype = (
+        "bfloat16" if speed["bf16"] > BF16_MARGIN * speed["fp32"] else "float32"
+    )  # auto's choice
+    assert f"(torch.{dtype})" in result.stdout and "step 2/2" in result.stdout, result.stdout
 
 
 def read_lines(process):
@@ -176,6 +182,7 @@ def trained(corpus, tmp_path_factory, env):
         (["--warmup-steps", "-5"], "invalid warmup_steps -5"),
         (["--dropout", "1.5"], "dropout must be in [0, 1)"),
         (["--preset", "huge"], "invalid choice: 'huge'"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
         (["--dataset", "no/such/file.txt"], "file no/such/file.txt not found"),
         (["--dataset", "shakespear"], "unknown dataset 'shakespear'"),
         (["--resume", "no/such/checkpoint.pt"], "checkpoint no/such/checkpoint.pt not found"),
@@ -225,6 +232,35 @@ def test_resume_as_users_type_it(corpus, trained, tmp_path, env):
     assert result.returncode == 0, result.stderr
     assert "steps 3-3 of 3" in result.stdout, result.stdout
     assert load_checkpoint(ckpts / "latest.pt").train_state["step"] == 3
+
+
+def test_resume_goes_on_beside_its_checkpoint(trained, tmp_path, env):
+    "A run resumed from a moved copy, without --checkpoint-dir, writes beside the copy, not where it was saved"
+    moved = tmp_path / "moved"
+    shutil.copytree(trained, moved)
+    before = (trained / "latest.pt").read_bytes()
+    result = aksis("train-model", "--resume", str(moved / "latest.pt"), "--max-steps", "3", env=env)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(moved / "latest.pt").train_state["step"] == 3
+    assert (trained / "latest.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("mixed_precision, precision", [(True, "auto"), (False, "fp32")])
+def test_resume_a_run_saved_before_precision_had_a_name(
+    mixed_precision, precision, trained, tmp_path, env
+):
+    "Checkpoints of older versions hold `mixed_precision`: on resumes as `auto`, off as `fp32`"
+    checkpoint = torch.load(trained / "latest.pt", weights_only=True)
+    del checkpoint["train_state"]["config"]["precision"]
+    checkpoint["train_state"]["config"]["mixed_precision"] = mixed_precision
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    torch.save(checkpoint, ckpts / "latest.pt")
+    resume = ["--resume", str(ckpts / "latest.pt"), "--checkpoint-dir", str(ckpts)]
+    result = aksis("train-model", *resume, "--max-steps", "3", env=env)
+    assert result.returncode == 0, result.stderr
+    state = load_checkpoint(ckpts / "latest.pt").train_state
+    assert (state["step"], state["config"]["precision"]) == (3, precision)
 
 
 @pytest.mark.parametrize(
