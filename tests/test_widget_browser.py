@@ -214,7 +214,7 @@ def test_chat_in_jupyterlab(chromium: str, jupyterlab: str, tmp_path: Path) -> N
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1000, "height": 1000})
-        page.set_default_timeout(30_000)
+        page.set_default_timeout(60_000)  # generous: a busy machine can stall the page
         page.goto(f"{jupyterlab}/lab/tree/chat.ipynb?token={TOKEN}")
         console = []
         page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
@@ -325,7 +325,7 @@ def test_chat_in_jupyterlab(chromium: str, jupyterlab: str, tmp_path: Path) -> N
 
         until(saved, 10, "the notebook is saved with the widget state")
         page.reload()
-        box.wait_for(timeout=60_000)
+        box.wait_for(timeout=90_000)
         settled()
         assert "[stopped]" in history.inner_text()
         send("Hello")
