@@ -25,8 +25,8 @@ from torch import Tensor
 
 from . import __version__
 from .core import AksisError, ModelConfig, get_device, model_config, precision_for
-from .generation import GenerationConfig, generate_ids, load_for_inference, sample
-from .model import GPT, KVCache
+from .generation import GenerationConfig, generate_batch, generate_ids, load_for_inference
+from .model import GPT, to_hf
 
 # %% ../nbs/10_benchmark.ipynb #a6bd3564
 def percentiles(
@@ -53,24 +53,6 @@ def _clock(device: torch.device) -> float:
         torch.cuda.synchronize(device)
     return time.perf_counter()
 
-
-@torch.inference_mode()
-def _batch_ids(model: GPT, prompt: Tensor, config: GenerationConfig) -> Iterator[Tensor]:
-    "Yield the next token of every row (B,), one cached step at a time, for `max_new_tokens` steps"
-    weight = next(model.parameters())
-    kv_cache = KVCache(model.config, prompt.size(0), device=weight.device, dtype=weight.dtype)
-    generator = torch.Generator(weight.device)
-    if config.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(config.seed)
-    logits = model(prompt, kv_cache=kv_cache)[0][:, -1].float()  # prefill: (B, vocab)
-    for step in range(config.max_new_tokens):
-        next_ids = sample(logits, config, generator)  # (B,)
-        yield next_ids
-        if step + 1 < config.max_new_tokens:
-            logits = model(next_ids[:, None], kv_cache=kv_cache)[0][:, -1].float()
-
 # %% ../nbs/10_benchmark.ipynb #fdd56598
 def timed_decode(
     model: GPT,  # A GPT in eval mode
@@ -87,7 +69,7 @@ def timed_decode(
     rows: Iterator[list[int]] = (
         ([token] for token in generate_ids(model, prompt[0].tolist(), config))
         if prompt.size(0) == 1
-        else (next_ids.tolist() for next_ids in _batch_ids(model, prompt, config))
+        else (next_ids.tolist() for next_ids in generate_batch(model, prompt, config))
     )
     tokens, times = [], []
     for row in rows:
@@ -283,8 +265,6 @@ def compare_transformers(
     warmup: int = 2,  # Untimed generations first
 ) -> dict[str, Any]:
     "Time transformers' `generate` on the same weights and prompts; its speed, Aksis's speedup over it, and whether the tokens match"
-    from aksis.model import to_hf
-
     if config.sampler != "greedy":
         raise AksisError("--compare transformers checks tokens, so it needs --sampler greedy")
     weight = next(model.parameters())
@@ -393,7 +373,6 @@ def run_benchmark(
             ) from None
     model, tokenizer = benchmark_model(checkpoint_path, preset, device, precision)
     prompt_ids = benchmark_prompt(model, tokenizer, prompt, prompt_length, batch_size)
-    _check_workload(model, prompt_ids, config, num_runs, warmup)
     report, ids = benchmark_inference(model, prompt_ids, config, num_runs, warmup)
     report["workload"]["model"] = checkpoint_path or f"preset {preset or 'base'} (random weights)"
     if compare:

@@ -8,7 +8,8 @@ Docs: https://aksis-ai.github.io/aksis/cli.html.md"""
 __all__ = ['Argument', 'Arguments', 'COMMANDS', 'arg', 'Command', 'command', 'positive_int', 'positive_float', 'probability',
            'config_flags', 'build_parser', 'main', 'info', 'tokenize', 'load_data', 'generation_flags',
            'precision_aliases', 'inference_flags', 'generate_text', 'chat_with_model', 'resume_flag', 'training_flags',
-           'train_flags', 'train_model', 'fine_tune_flags', 'fine_tune_model', 'benchmark_flags', 'measure_inference']
+           'train_flags', 'run_training', 'train_model', 'fine_tune_flags', 'fine_tune_model', 'benchmark_flags',
+           'measure_inference']
 
 # %% ../nbs/11_cli.ipynb #29a49d91
 import argparse
@@ -105,6 +106,7 @@ def config_flags(
     exclude: Sequence[str] = (),  # Fields that get no flag
     keep_defaults: bool = True,  # False: a flag not given is left out of the parsed arguments
     options: dict[str, dict[str, Any]] | None = None,  # More flag options, by field name
+    defaults: dict[str, Any] | None = None,  # Defaults the help shows instead of the fields' own
 ) -> list[Argument]:
     "A flag for each field of the dataclass `config`, with the field's name, type, docment and default"
     from fastcore.docments import docments
@@ -115,8 +117,9 @@ def config_flags(
             continue
         help = (f.docment or "").replace("`", "").replace("%", "%%")
         default = f.default if keep_defaults else argparse.SUPPRESS
-        if not keep_defaults and f.default is not None:
-            help += f" (default: {f.default})"
+        shown = (defaults or {}).get(name, f.default)
+        if not keep_defaults and shown is not None:
+            help += f" (default: {shown})"
         flag_options = dict(default=default, help=help) | _flag_options(f.anno)
         flags.append(
             arg(f"--{name.replace('_', '-')}", **flag_options | (options or {}).get(name, {}))
@@ -496,6 +499,7 @@ def resume_flag(
 
 def training_flags(
     exclude: Sequence[str] = (),  # Fields of `TrainConfig` that get no flag
+    defaults: dict[str, Any] | None = None,  # Defaults the help shows, where not the fields' own
 ) -> list[Argument]:
     "A flag for each field of `TrainConfig`, left out unless given, with the ranges and choices the parser checks"
     from aksis.core import PRECISIONS
@@ -505,7 +509,7 @@ def training_flags(
     options: dict[str, dict[str, Any]] = dict(vocab_size=count, epochs=count, max_steps=count, batch_size=count,
                    grad_accum_steps=count, eval_every=count, learning_rate=rate, muon_lr=rate,
                    precision=dict(choices=PRECISIONS))  # fmt: skip
-    flags = config_flags(TrainConfig, exclude, keep_defaults=False, options=options)
+    flags = config_flags(TrainConfig, exclude, False, options, defaults)
     return [*flags, *precision_aliases()]
 
 
@@ -533,6 +537,19 @@ def train_flags() -> list[Argument]:
     ]
 
 # %% ../nbs/11_cli.ipynb #e27e423f
+def run_training(
+    make_trainer: Callable[[], Any],  # Builds the `Trainer`; building can fail too
+) -> None:
+    "Build a trainer and run it, then close the process group a `torchrun` launch opened, however it ended"
+    import torch.distributed as dist
+
+    try:
+        make_trainer().fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @command(
     "train-model",
     "Train a model on a dataset, or continue a run with --resume, saving checkpoints as it goes",
@@ -540,8 +557,6 @@ def train_flags() -> list[Argument]:
 )
 def train_model(**flags: Any) -> None:
     "Train a new model, or continue a run, with the flags given overriding the recipe or the run's settings"
-    import torch.distributed as dist
-
     from aksis.core import ModelConfig, model_config
     from aksis.training import TrainConfig, Trainer, train_config
 
@@ -552,28 +567,21 @@ def train_model(**flags: Any) -> None:
     }
     if resume is True:
         resume = Path(flags.get("checkpoint_dir", TrainConfig.checkpoint_dir)) / "latest.pt"
-    try:
-        if resume is None:
-            trainer = Trainer(
-                train_config(preset, **flags), model_config(preset or "base", **shape)
-            )
-        else:
-            trainer = Trainer.resume(resume, preset=preset, **shape, **flags)
-        trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_training(
+        lambda: (
+            Trainer(train_config(preset, **flags), model_config(preset or "base", **shape))
+            if resume is None
+            else Trainer.resume(resume, preset=preset, **shape, **flags)
+        )
+    )
 
 # %% ../nbs/11_cli.ipynb #d10e792f
 def fine_tune_flags() -> list[Argument]:
     "`fine-tune`'s flags: the start, the data, `--persona`, `TrainConfig`'s flags with fine-tuning's defaults, and `--resume`"
     from aksis.finetune import FINE_TUNE_DEFAULTS
 
-    training = training_flags(exclude=["dataset", "vocab_size"])  # --dataset is below
-    for flags, options in training:
-        if (name := flags[0][2:].replace("-", "_")) in FINE_TUNE_DEFAULTS:
-            docment = options["help"].split(" (default: ")[0]
-            options["help"] = f"{docment} (default: {FINE_TUNE_DEFAULTS[name]})"
+    # --dataset is below, and the vocabulary is the starting model's
+    training = training_flags(exclude=["dataset", "vocab_size"], defaults=FINE_TUNE_DEFAULTS)
     return [
         arg(
             "--init-from",
@@ -602,8 +610,6 @@ def fine_tune_flags() -> list[Argument]:
 )
 def fine_tune_model(**flags: Any) -> None:
     "Fine-tune a model, or continue a fine-tuning run, with the flags given overriding the defaults or the run's settings"
-    import torch.distributed as dist
-
     from aksis.core import AksisError
     from aksis.finetune import FINE_TUNE_DEFAULTS, fine_tune, resume_fine_tune
 
@@ -619,15 +625,13 @@ def fine_tune_model(**flags: Any) -> None:
         raise AksisError(
             f"{flags_missing} needed, e.g. aksis fine-tune --init-from checkpoints/best.pt --dataset shakespeare-chat"
         )
-    try:
-        if resume is None:
-            trainer = fine_tune(flags.pop("init_from"), flags.pop("dataset"), **flags)
-        else:
-            trainer = resume_fine_tune(resume, **flags)
-        trainer.fit()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_training(
+        lambda: (
+            fine_tune(flags.pop("init_from"), flags.pop("dataset"), **flags)
+            if resume is None
+            else resume_fine_tune(resume, **flags)
+        )
+    )
 
 # %% ../nbs/11_cli.ipynb #97c4c84f
 def benchmark_flags() -> list[Argument]:

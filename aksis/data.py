@@ -339,7 +339,7 @@ def _load_files(files: list[Path]) -> list[str]:
         raise AksisError(f"{what}: a corpus needs some text")
     jsonl = all(f.suffix in (".jsonl", ".json") for f in files)
     try:
-        with _quiet_datasets(), _cache_writes():
+        with _quiet_datasets():
             if jsonl:
                 rows = load_dataset(
                     "json",
@@ -365,6 +365,8 @@ def _load_files(files: list[Path]) -> list[str]:
         if failure := _cache_failure(e):  # the files read fine: writing the cache failed
             raise failure from e
         raise AksisError(f"cannot load {files[0].parent}: {e.__cause__ or e}") from e
+    except OSError as e:  # before reading: the cache's folders, or its free space
+        raise _cache_failure(e) or AksisError(f"cannot load {files[0].parent}: {e}") from e
     if "text" not in rows.column_names or any(not isinstance(t, str) for t in rows["text"]):
         for f in files:
             _check_jsonl(f)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,12 +28,12 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from .chat import Message, build_prompt, context_budget, render_message, special_id
-from .core import AksisError, Precision
-from .data import json_lines
-from .generation import GenerationConfig, generate_ids
+from .core import AksisError, Precision, hub_reachable
+from .data import json_lines, shakespeare_chat
+from .generation import GenerationConfig, generate_ids, stop_token_ids
 from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2
 from .tokenizer import END_TURN, PAD, SPECIAL_TOKENS
-from .training import TrainConfig, Trainer
+from .training import Trainer, _check_checkpoint_dir, _distributed, train_config
 
 # %% ../nbs/08_finetune.ipynb #a78c9679
 def parse_conversation(
@@ -81,8 +82,6 @@ def read_jsonl(
 def _hub_offline(name: str) -> AksisError | None:
     "An error if the Hugging Face Hub cannot be reached for dataset `name`, else None"
     from huggingface_hub import constants
-
-    from aksis.core import hub_reachable
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return AksisError(
@@ -207,8 +206,6 @@ def load_conversations(
 ) -> dict[str, list[list[Message]]]:
     "The `train` and `validation` conversations of `dataset`"
     if dataset == "shakespeare-chat":
-        from aksis.data import shakespeare_chat
-
         splits = {
             split: [
                 parse_conversation(c, f"shakespeare-chat ({c['play']}, {c['scene']})")
@@ -360,10 +357,6 @@ def evaluate(
     precision: Precision | None = None,  # Autocast settings (default: fp32)
 ) -> dict[str, float]:
     "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
-    from contextlib import nullcontext
-
-    from aksis.training import _distributed
-
     model = _unwrap(model)
     rank, world_size = _distributed()
     device = next(model.parameters()).device
@@ -434,9 +427,7 @@ def fine_tune(
     **settings: Any,  # `TrainConfig` fields, over `FINE_TUNE_DEFAULTS`
 ) -> Trainer:
     "A `Trainer` that fine-tunes `init_from` on `dataset`; `fit` runs it"
-    from aksis.training import _check_checkpoint_dir
-
-    config = TrainConfig(**{**FINE_TUNE_DEFAULTS, **settings, "dataset": dataset})
+    config = train_config(**{**FINE_TUNE_DEFAULTS, **settings, "dataset": dataset})
     _check_checkpoint_dir(Path(config.checkpoint_dir), new_run=True)  # before the slow parts
     chat = is_chat_data(dataset)
     if persona is not None and dataset != "shakespeare-chat":
@@ -471,10 +462,10 @@ def resume_fine_tune(
             f"{path} was fine-tuned with persona {tuned.get('persona')!r} (not {persona!r}): drop --persona, or start a new run"
         )
     if tuned["task"] == "text":
-        return Trainer.resume(path, **settings)
+        return Trainer.resume(path, checkpoint=checkpoint, **settings)
     conversations = load_conversations(tuned["dataset"], tuned.get("persona"))
     data = ChatData(checkpoint.tokenizer, conversations, checkpoint.config.max_seq_len)
-    return Trainer.resume(path, data=data, **settings)
+    return Trainer.resume(path, data=data, checkpoint=checkpoint, **settings)
 
 # %% ../nbs/08_finetune.ipynb #f54aaeba
 def reply_ids(
@@ -485,7 +476,7 @@ def reply_ids(
 ) -> list[int]:
     "The ids the model generates for the assistant's turn, up to and including the first special token"
     budget = context_budget(model.config.max_seq_len, config.max_new_tokens)
-    special = {i for t in SPECIAL_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+    special = set(stop_token_ids(tokenizer))
     ids = []
     for i in generate_ids(model, build_prompt(tokenizer, messages, budget), config):
         ids.append(i)

@@ -6,7 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_ids', 'prompt_lookup', 'stop_token_ids', 'stream', 'generate', 'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stop_token_ids', 'stream', 'generate',
+           'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -212,6 +213,38 @@ def _graph_step(
 
 # %% ../nbs/06_generation.ipynb #a9924743
 @torch.inference_mode()
+def generate_batch(
+    model: GPT,  # A GPT in eval mode
+    prompts: Tensor,  # (B, T) prompt ids on the model's device, one row per text
+    config: "GenerationConfig",  # Sampler, seed, repetition penalty and `max_new_tokens`
+) -> Iterator[Tensor]:
+    "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time"
+    decoding_layout(model)
+    B, n_prompt = prompts.shape
+    generator = _random_generator(prompts.device, config.seed)
+    tokens = torch.empty(
+        B, n_prompt + config.max_new_tokens, dtype=torch.long, device=prompts.device
+    )
+    tokens[:, :n_prompt] = prompts
+    kv_cache = _new_cache(model, B)
+    logits = _extend(model, kv_cache, prompts, n_prompt)  # prefill
+    use_graph, graph_step = _use_graph(model, tokens.size(1)), None
+    penalize = config.repetition_penalty != 1.0
+    for n in range(n_prompt, tokens.size(1)):
+        next_ids = sample(logits, config, generator, tokens[:, :n] if penalize else None)  # (B,)
+        yield next_ids
+        tokens[:, n] = next_ids
+        if n + 1 == tokens.size(1):
+            return
+        if use_graph and graph_step is None:  # recorded after the first token, not before it
+            graph_step = _graph_step(model, kv_cache)
+        # decode: replay the recorded step, or run the model on the new tokens
+        logits = (
+            graph_step(next_ids) if graph_step else _extend(model, kv_cache, tokens[:, : n + 1], 1)
+        )
+
+
+@torch.inference_mode()
 def generate_ids(
     model: GPT,  # A GPT in eval mode
     prompt_ids: Sequence[int],  # The prompt's token ids (at least one)
@@ -229,26 +262,11 @@ def generate_ids(
     if config.sampler == "greedy" and config.lookahead and config.repetition_penalty == 1.0:
         yield from _greedy_lookahead(model, prompt_ids, config, stop_ids)
         return
-    device = _model_device(model)
-    generator = _random_generator(device, config.seed)
-    n_prompt = len(prompt_ids)
-    tokens = torch.empty(1, n_prompt + config.max_new_tokens, dtype=torch.long, device=device)
-    tokens[0, :n_prompt] = torch.tensor(prompt_ids)
-    kv_cache = _new_cache(model, 1)
-    logits = _extend(model, kv_cache, tokens[:, :n_prompt], n_prompt)  # prefill
-    graph_step = _graph_step(model, kv_cache) if _use_graph(model, tokens.size(1)) else None
-    penalize = config.repetition_penalty != 1.0
-    for n in range(n_prompt, n_prompt + config.max_new_tokens):
-        next_id = sample(logits, config, generator, tokens[:, :n] if penalize else None)
-        token = int(next_id)
-        if token in stop_ids:
+    prompt = torch.tensor([prompt_ids], device=_model_device(model))  # (1, T)
+    for next_id in generate_batch(model, prompt, config):
+        if (token := int(next_id)) in stop_ids:
             return
         yield token
-        tokens[0, n] = next_id[0]
-        if n + 1 < tokens.size(1) and graph_step:
-            logits = graph_step(next_id)  # decode, replaying the recorded step
-        elif n + 1 < tokens.size(1):
-            logits = _extend(model, kv_cache, tokens[:, : n + 1], 1)  # decode
 
 # %% ../nbs/06_generation.ipynb #acae54e37e7d407bbb7b55eff062a284
 def prompt_lookup(

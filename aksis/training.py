@@ -112,15 +112,13 @@ def make_optimizer(
     weight_decay: float = 0.1,  # Decay for the weight matrices
     betas: tuple[float, float] = (0.9, 0.95),  # Adam's moment decay rates
     muon_lr: float | None = None,  # Train the weight matrices with Muon at this rate (`MuonAdamW`)
+    ns_dtype: torch.dtype = torch.float32,  # The type of Muon's iteration: bf16 in a bf16 run
 ) -> torch.optim.Optimizer:
-    "AdamW over `param_groups` (fused on CUDA), or Muon for the matrices if `muon_lr` (bf16 where it is fast)"
+    "AdamW over `param_groups` (fused on CUDA), or Muon for the matrices if `muon_lr`"
     groups = param_groups(model, weight_decay)
-    device = next(model.parameters()).device
-    fused = device.type == "cuda"
+    fused = next(model.parameters()).device.type == "cuda"
     if muon_lr is not None:
         groups[0].update(muon=True, lr=muon_lr)
-        fast_bf16 = precision_for(device).dtype == torch.bfloat16
-        ns_dtype = torch.bfloat16 if fast_bf16 else torch.float32
         return MuonAdamW(groups, learning_rate, betas, ns_dtype=ns_dtype, fused=fused)
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
 
@@ -365,12 +363,15 @@ def _steps_per_epoch(tokens: int, T: int, per_step: int) -> int:
 
 
 def _optimizer_and_schedule(
-    model: GPT, config: TrainConfig, total_steps: int
+    model: GPT, config: TrainConfig, total_steps: int, precision: Precision
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     "The optimizer of `config`, and the warmup + cosine schedule of its learning rate over `total_steps`"
     muon_lr = config.muon_lr if config.optimizer == "muon" else None
     betas = (0.9, config.beta2)
-    optimizer = make_optimizer(model, config.learning_rate, config.weight_decay, betas, muon_lr)
+    ns_dtype = torch.bfloat16 if precision.dtype == torch.bfloat16 else torch.float32
+    optimizer = make_optimizer(
+        model, config.learning_rate, config.weight_decay, betas, muon_lr, ns_dtype
+    )
     schedule = partial(
         lr_factor,
         warmup_steps=config.warmup_steps,
@@ -458,7 +459,7 @@ class Trainer:
         )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer, self.scheduler = _optimizer_and_schedule(
-            self.model, config, self.total_steps
+            self.model, config, self.total_steps, self.precision
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.needs_scaler)
         self.step, self.epoch, self.batch = 0, 0, 0  # batch: global batches used in this epoch
@@ -890,10 +891,11 @@ def resume(
     preset: str | None = None,  # A model preset; it must have the checkpoint's shape
     data: BatchSource
     | None = None,  # The run's batch source, if it did not train on a token stream
+    checkpoint: Checkpoint | None = None,  # The checkpoint at `path`, if the caller has loaded it
     **overrides: Any,  # `TrainConfig` and shape fields; those a run keeps must agree with it
 ) -> Trainer:
     "Continue the run saved at `path` exactly where it stopped"
-    checkpoint = load_checkpoint(path)
+    checkpoint = checkpoint or load_checkpoint(path)
     if not checkpoint.train_state:
         raise AksisError(f"{path} holds weights only, no training state: it cannot be resumed")
     if data is None and checkpoint.info.get("fine_tuned", {}).get("task") == "chat":
@@ -991,7 +993,10 @@ class MuonAdamW(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            buffer = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+            state = self.state[p]
+            if "momentum_buffer" not in state:  # zeros made once, not at every step
+                state["momentum_buffer"] = torch.zeros_like(p.grad)
+            buffer = state["momentum_buffer"]
             buffer.lerp_(p.grad, 1 - momentum)
             update = orthogonalize(p.grad.lerp(buffer, momentum), dtype=self.ns_dtype)  # Nesterov
             p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay

@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,13 +28,19 @@ from .core import AksisError
 from .generation import SAMPLERS, GenerationConfig
 
 # %% ../nbs/09_widget.ipynb #6d9f5628
+@cache
+def _markdown() -> Any:
+    "One CommonMark parser that shows HTML as text, made at first use (every streamed piece re-renders the history)"
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False})
+
+
 def render_markdown(
     text: str,  # Markdown, perhaps with HTML in it
 ) -> str:
     "`text` rendered from Markdown to HTML; HTML in `text` is shown as text, unsafe links are not made"
-    from markdown_it import MarkdownIt
-
-    return MarkdownIt("commonmark", {"html": False}).render(text)
+    return _markdown().render(text)
 
 # %% ../nbs/09_widget.ipynb #aa70c24e
 _COLORS = {"system": "#888", "user": "#1f6feb", "assistant": "#2da44e"}

@@ -233,20 +233,29 @@ def test_chat_in_jupyterlab(chromium: str, jupyterlab: str, tmp_path: Path) -> N
             page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{item}$")).click()
 
         ran = page.locator(".jp-InputPrompt", has_text=re.compile(r"\[[*0-9]+\]"))
-        for _ in range(3):  # a command given while the page is still settling can be lost
-            if page.locator(
-                ".jp-Dialog"
-            ).count():  # "Select Kernel", at times: the default is right
+        deadline = time.monotonic() + 120
+        # A command given while the page settles, or while JupyterLab swaps in a fresh kernel
+        # (it can start a second one at load), is lost: give it again until a cell runs.
+        while not ran.count():
+            assert time.monotonic() < deadline, f"no cell ran; the console: {console[-20:]}"
+            if page.locator(".jp-Dialog").count():  # "Select Kernel": the default is right
                 page.locator(".jp-Dialog .jp-mod-accept").click()
+            settled()
             menu("Run", "Run All Cells")
             with contextlib.suppress(PlaywrightTimeout):
-                ran.wait_for(timeout=10_000)
-                break
+                ran.wait_for(timeout=5_000)
         chat = page.locator(".aksis-chat")
         box, history = chat.locator(".aksis-message input"), chat.locator(".aksis-history")
         send_button = chat.get_by_role("button", name="Send", exact=True)
         stop_button = chat.get_by_role("button", name="Stop", exact=True)
-        box.wait_for(timeout=90_000)
+        try:
+            box.wait_for(timeout=90_000)
+        except PlaywrightTimeout:
+            prompts = page.locator(".jp-InputPrompt").all_inner_texts()
+            outputs = page.locator(".jp-OutputArea").all_inner_texts()
+            pytest.fail(
+                f"no chat widget: prompts {prompts}, outputs {outputs}, console {console[-20:]}"
+            )
 
         def until(condition: Callable[[], object], timeout: float, what: str) -> float:
             return poll(condition, timeout, what, chat.inner_text)
