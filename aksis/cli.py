@@ -208,7 +208,7 @@ def main(
     "Show the Aksis and PyTorch versions, the devices found and the precision each would use",
 )
 def info() -> None:
-    "Print versions, the devices PyTorch can use, and the precision `auto` chooses, with its reason"
+    "Print versions, the devices PyTorch can use, the precision `auto` chooses and the CPU's inference kernel, with their reasons"
     import torch
 
     from aksis.core import cpu_speed, get_device, precision_for
@@ -221,7 +221,9 @@ def info() -> None:
     )
     print(f"mps: {'available' if torch.backends.mps.is_available() else 'not available'}")
     print(f"default device: {device}, threads: {torch.get_num_threads()}")
-    print(f"cpu precision (auto): {cpu_speed().describe()}")
+    speed = cpu_speed()
+    print(f"cpu precision (auto): {speed.describe()}")
+    print(f"cpu inference kernel: {speed.describe_inference()}")
     if device.type != "cpu":
         name = "bf16" if precision_for(device).dtype == torch.bfloat16 else "fp16"
         why = (

@@ -6,8 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/core.html.md"""
 
 # %% auto #0
 __all__ = ['BF16_MARGIN', 'PRECISIONS', 'PRESETS', 'AksisError', 'cache_dir', 'atomic_path', 'process_alive',
-           'remove_stale_temps', 'get_device', 'seed_everything', 'hub_reachable', 'Precision', 'CpuSpeed', 'cpu_speed',
-           'precision_for', 'ModelConfig', 'model_config']
+           'remove_stale_temps', 'get_device', 'seed_everything', 'hub_reachable', 'Precision', 'CpuSpeed',
+           'onednn_linear', 'cpu_speed', 'precision_for', 'ModelConfig', 'model_config']
 
 # %% ../nbs/00_core.ipynb #ba1b8ebb
 import json
@@ -19,7 +19,7 @@ import re
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,6 +28,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 # %% ../nbs/00_core.ipynb #30585fca
 class AksisError(Exception):
@@ -176,10 +178,12 @@ BF16_MARGIN = 1.25  # bf16 is used on a CPU only where its matrix products are t
 
 @dataclass(frozen=True)
 class CpuSpeed:
-    "A CPU's measured speed at a matrix product in fp32 and bf16: what `auto` precision decides by"
+    "A CPU's measured speeds: matrix products in fp32 and bf16 (what `auto` precision decides by), and one-row products through ATen and oneDNN (what inference decides by)"
 
     fp32_gflops: float  # A 256×256 product on one thread, in fp32
     bf16_gflops: float  # The same product in bf16
+    aten_gbps: float  # GB/s of fp32 weights that one-row products read through ATen (`F.linear`), all threads
+    onednn_gbps: float  # The same through oneDNN (0 where PyTorch was built without it)
     capability: str  # `torch.backends.cpu.get_cpu_capability()`, such as `AVX2` or `AVX512`
     cache: Path | None  # The JSON file that holds the measurement (None: it could not be saved)
     measured_now: bool  # Measured in this call, rather than read from `cache`
@@ -189,15 +193,25 @@ class CpuSpeed:
         "Whether bf16 beats fp32 here by `BF16_MARGIN`"
         return self.bf16_gflops > BF16_MARGIN * self.fp32_gflops
 
+    @property
+    def onednn_fast(self) -> bool:
+        "Whether oneDNN reads weights faster than ATen in a one-row product"
+        return self.onednn_gbps > self.aten_gbps
+
     def describe(self) -> str:
-        "The decision and its reason, on one line"
+        "The precision decision and its reason, on one line"
         source = "measured now" if self.measured_now else "measured before"
         where = f"; cached in {self.cache}" if self.cache else ""
         return f"{'bf16' if self.bf16_fast else 'fp32'} ({self.capability}: bf16 matmul {self.bf16_gflops:.1f} GFLOP/s vs fp32 {self.fp32_gflops:.1f} GFLOP/s, {source}{where})"
 
+    def describe_inference(self) -> str:
+        "The kernel inference multiplies by, and why, on one line"
+        kernel, threads = "oneDNN" if self.onednn_fast else "ATen", torch.get_num_threads()
+        return f"{kernel} (one-row fp32 products read {self.onednn_gbps:.1f} GB/s of weights through oneDNN vs {self.aten_gbps:.1f} GB/s through ATen, on {threads} thread{'s' * (threads > 1)})"
+
 # %% ../nbs/00_core.ipynb #ca58ce39
 def _cpu_key() -> str:
-    "What a CPU measurement holds for: the CPU model, ATen's capability, oneDNN's limit and torch's version"
+    "What a CPU measurement holds for: the CPU model, ATen's capability, oneDNN's limit, the threads and torch's version"
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
         model = next(
@@ -207,7 +221,19 @@ def _cpu_key() -> str:
         model = platform.processor() or platform.machine()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
     capability = torch.backends.cpu.get_cpu_capability()
-    return f"{model} | {capability} | ONEDNN_MAX_CPU_ISA={isa} | torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{model} | {capability} | ONEDNN_MAX_CPU_ISA={isa} | {threads} threads | torch {torch.__version__}"
+
+
+def _best_time(run: Callable[[], object], seconds: float) -> float:
+    "The fastest call of `run` over about `seconds`, after one untimed call that pays for set-up"
+    run()
+    best, start = math.inf, time.perf_counter()
+    while best == math.inf or time.perf_counter() - start < seconds:
+        tick = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - tick)
+    return best
 
 
 def _matmul_gflops(dtype: torch.dtype, n: int = 256, seconds: float = 0.02) -> float:
@@ -216,15 +242,29 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 256, seconds: float = 0.02) -> f
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier on a busy machine; the ratio is what counts
     try:
-        a @ a  # the first call pays for oneDNN's set-up
-        best, start = math.inf, time.perf_counter()
-        while best == math.inf or time.perf_counter() - start < seconds:
-            tick = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - tick)
+        return 2 * n**3 / _best_time(lambda: a @ a, seconds) / 1e9
     finally:
         torch.set_num_threads(threads)
-    return 2 * n**3 / best / 1e9
+
+
+def onednn_linear(
+    x: Tensor,  # Inputs (..., in)
+    weight: Tensor,  # (out, in), as `nn.Linear` keeps it
+    bias: Tensor | None = None,  # (out,)
+) -> Tensor:
+    "`F.linear(x, weight, bias)` computed by oneDNN, in fp32, with no gradient"
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _linear_gbps(onednn: bool, n_layers: int = 16, seconds: float = 0.05) -> float:
+    "GB/s of fp32 weights read by one-row products through oneDNN or ATen on all threads: `n_layers` (2048, 512) layers, 64 MB, more than a CPU's caches hold, as in decoding"
+    if onednn and not torch.backends.mkldnn.is_available():
+        return 0.0
+    weights = [torch.ones(2048, 512) for _ in range(n_layers)]
+    x, linear = torch.ones(1, 512), onednn_linear if onednn else F.linear
+    with torch.no_grad():
+        seconds_per_pass = _best_time(lambda: [linear(x, w) for w in weights], seconds)
+    return n_layers * weights[0].nbytes / seconds_per_pass / 1e9
 
 
 def _cached_speeds(path: Path) -> dict[str, Any]:
@@ -236,24 +276,29 @@ def _cached_speeds(path: Path) -> dict[str, Any]:
     return entries if isinstance(entries, dict) else {}
 
 # %% ../nbs/00_core.ipynb #5b51f413
+_SPEEDS = ("fp32", "bf16", "aten", "onednn")  # a cache entry's keys
+
+
 def cpu_speed() -> CpuSpeed:
-    "This CPU's fp32 and bf16 matrix-product speed: cached under `cache_dir()`, else measured and cached"
+    "This CPU's matrix-product and one-row-product speeds: cached under `cache_dir()`, else measured and cached"
     path, key = cache_dir() / "cpu_speed.json", _cpu_key()
     capability = torch.backends.cpu.get_cpu_capability()
     entries = _cached_speeds(path)
     try:
-        entry = entries[key]
-        return CpuSpeed(float(entry["fp32"]), float(entry["bf16"]), capability, path, False)
+        fp32, bf16, aten, onednn = (float(entries[key][name]) for name in _SPEEDS)
+        return CpuSpeed(fp32, bf16, aten, onednn, capability, path, False)
     except (KeyError, TypeError, ValueError):
-        pass  # not measured with this CPU, these limits and this torch yet, or a damaged entry
+        pass  # not measured with this CPU, these limits, threads and torch yet, or a damaged entry
     fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
-    entries[key] = {"fp32": fp32, "bf16": bf16}
+    aten, onednn = _linear_gbps(onednn=False), _linear_gbps(onednn=True)
+    entries[key] = dict(zip(_SPEEDS, (fp32, bf16, aten, onednn), strict=True))
+    saved: Path | None = path
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(entries, indent=1))
     except AksisError:  # an unwritable cache costs only a measurement next time
-        return CpuSpeed(fp32, bf16, capability, None, True)
-    return CpuSpeed(fp32, bf16, capability, path, True)
+        saved = None
+    return CpuSpeed(fp32, bf16, aten, onednn, capability, saved, True)
 
 # %% ../nbs/00_core.ipynb #ac21e3f4
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from .core import AksisError, get_device, precision_for
-from .model import GPT, Checkpoint, KVCache, decoding_layout, load_checkpoint
+from .model import GPT, Checkpoint, KVCache, fast_inference, load_checkpoint
 from .tokenizer import SPECIAL_TOKENS
 
 # %% ../nbs/06_generation.ipynb #98251d5f
@@ -219,7 +219,7 @@ def generate_batch(
     config: "GenerationConfig",  # Sampler, seed, repetition penalty and `max_new_tokens`
 ) -> Iterator[Tensor]:
     "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time"
-    decoding_layout(model)
+    fast_inference(model)
     B, n_prompt = prompts.shape
     generator = _random_generator(prompts.device, config.seed)
     tokens = torch.empty(
@@ -255,7 +255,7 @@ def generate_ids(
     config = config or GenerationConfig()
     if not prompt_ids:
         raise AksisError("the prompt is empty: give at least one token to continue from")
-    decoding_layout(model)
+    fast_inference(model)
     if config.sampler == "beam":
         yield from _beam_search(model, prompt_ids, config, stop_ids)
         return

@@ -88,6 +88,33 @@ def test_an_unwritable_cache_still_decides(monkeypatch, tmp_path):
     assert speed.cache is None and speed.bf16_fast and "cached" not in speed.describe()
 
 
+@pytest.mark.parametrize("aten_gbps, onednn_gbps, fast", [(11.0, 22.0, True), (15.0, 12.0, False)])
+def test_the_inference_kernel_follows_the_probe(monkeypatch, cache, aten_gbps, onednn_gbps, fast):
+    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(core, "_linear_gbps", lambda onednn: onednn_gbps if onednn else aten_gbps)
+    speed = cpu_speed()
+    assert speed.onednn_fast is fast and (speed.aten_gbps, speed.onednn_gbps) == (
+        aten_gbps,
+        onednn_gbps,
+    )
+    assert speed.describe_inference().startswith("oneDNN (" if fast else "ATen (")
+    (entry,) = json.loads(cache.read_text()).values()
+    assert entry == {"fp32": 71.0, "bf16": 1.8, "aten": aten_gbps, "onednn": onednn_gbps}
+
+
+def test_the_threads_have_their_own_entry(monkeypatch, cache):
+    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(core, "_linear_gbps", lambda onednn: 10.0)
+    cpu_speed()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert cpu_speed().measured_now
+    finally:
+        torch.set_num_threads(threads)
+    assert not cpu_speed().measured_now and len(json.loads(cache.read_text())) == 2
+
+
 def test_explicit_names(monkeypatch, capsys):
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
     assert precision_for(CPU, "bf16").dtype is torch.bfloat16  # asked for: obeyed, with a warning
