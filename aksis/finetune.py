@@ -12,17 +12,14 @@ __all__ = ['IDENTITY', 'FINE_TUNE_DEFAULTS', 'parse_conversation', 'read_jsonl',
 
 # %% ../nbs/08_finetune.ipynb #b0b3b162
 import json
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastcore.basics import patch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
@@ -30,10 +27,16 @@ from torch import Tensor, nn
 from .chat import Message, build_prompt, context_budget, render_message, special_id
 from .core import AksisError, Precision, hub_reachable
 from .data import json_lines, shakespeare_chat
-from .generation import GenerationConfig, generate_ids, stop_token_ids
+from .generation import GenerationConfig, generate_ids
 from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2
-from .tokenizer import END_TURN, PAD, SPECIAL_TOKENS
-from .training import Trainer, _check_checkpoint_dir, _distributed, train_config
+from .tokenizer import END_TURN, PAD, SPECIAL_TOKENS, special_ids
+from aksis.training import (
+    Trainer,
+    _check_checkpoint_dir,
+    _distributed,
+    train_config,
+    validation_metrics,
+)
 
 # %% ../nbs/08_finetune.ipynb #a78c9679
 def parse_conversation(
@@ -357,30 +360,14 @@ def evaluate(
     precision: Precision | None = None,  # Autocast settings (default: fp32)
 ) -> dict[str, float]:
     "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
-    model = _unwrap(model)
     rank, world_size = _distributed()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nats, tokens, characters
-    for start in range(rank * batch_size, len(self.validation), world_size * batch_size):
-        examples = self.validation[start : start + batch_size]
-        x, y = (t.to(device) for t in collate(examples, self.pad_id))
-        with precision.autocast() if precision else nullcontext():
-            logits, _ = model(x)
-        totals[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-        totals[1] += (y != -100).sum()
-        totals[2] += sum(_characters(self.tokenizer, ids, mask) for ids, mask in examples)
-    model.train(was_training)
-    if world_size > 1:
-        torch.distributed.all_reduce(totals)
-    nats, count, characters = totals.tolist()
-    loss = nats / count
-    return {
-        "val_loss": loss,
-        "perplexity": math.exp(min(loss, 50.0)),
-        "bits_per_char": nats / characters / math.log(2),
-    }
+    step = world_size * batch_size
+    batches = (
+        collate(self.validation[start : start + batch_size], self.pad_id)
+        for start in range(rank * batch_size, len(self.validation), step)
+    )
+    characters = sum(_characters(self.tokenizer, ids, mask) for ids, mask in self.validation)
+    return validation_metrics(_unwrap(model), batches, characters, precision)
 
 
 def _characters(tokenizer: Tokenizer, ids: list[int], mask: list[bool]) -> int:
@@ -476,7 +463,7 @@ def reply_ids(
 ) -> list[int]:
     "The ids the model generates for the assistant's turn, up to and including the first special token"
     budget = context_budget(model.config.max_seq_len, config.max_new_tokens)
-    special = set(stop_token_ids(tokenizer))
+    special = set(special_ids(tokenizer))
     ids = []
     for i in generate_ids(model, build_prompt(tokenizer, messages, budget), config):
         ids.append(i)

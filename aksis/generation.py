@@ -6,8 +6,7 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stop_token_ids', 'stream', 'generate',
-           'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from .core import AksisError, get_device, precision_for
 from .model import GPT, Checkpoint, KVCache, fast_inference, load_checkpoint
-from .tokenizer import SPECIAL_TOKENS
+from .tokenizer import special_ids
 
 # %% ../nbs/06_generation.ipynb #98251d5f
 def greedy(
@@ -371,13 +370,6 @@ def _beam_search(
     return best_ids
 
 # %% ../nbs/06_generation.ipynb #6eefc0a3
-def stop_token_ids(
-    tokenizer: Tokenizer,  # The model's tokenizer
-) -> list[int]:
-    "The ids of `tokenizer`'s special tokens (end of text, end of turn, roles): generated text ends at any of them"
-    return [i for token in SPECIAL_TOKENS if (i := tokenizer.token_to_id(token)) is not None]
-
-
 def _prompt_ids(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     ids = (
         tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -415,7 +407,7 @@ def stream(
     config = config or GenerationConfig()
     ids: list[int] = []
     emitted = 0  # characters of the text already yielded
-    tokens = generate_ids(model, _prompt_ids(tokenizer, prompt), config, stop_token_ids(tokenizer))
+    tokens = generate_ids(model, _prompt_ids(tokenizer, prompt), config, special_ids(tokenizer))
     for token in tokens:
         ids.append(token)
         text = tokenizer.decode(ids)
@@ -443,7 +435,7 @@ def generate(
     config = config or GenerationConfig()
     ids: list[int] = []
     for token in generate_ids(
-        model, _prompt_ids(tokenizer, prompt), config, stop_token_ids(tokenizer)
+        model, _prompt_ids(tokenizer, prompt), config, special_ids(tokenizer)
     ):
         ids.append(token)
         if config.stop and _find_stop(tokenizer.decode(ids), config.stop) is not None:

@@ -6,7 +6,7 @@ Docs: https://aksis-ai.github.io/aksis/tokenizer.html.md"""
 
 # %% auto #0
 __all__ = ['EOT', 'PAD', 'SYSTEM', 'USER', 'ASSISTANT', 'END_TURN', 'SPECIAL_TOKENS', 'DEFAULT_VOCAB_SIZE', 'train_tokenizer',
-           'tokenizer_from_json', 'save_tokenizer', 'load_tokenizer', 'token_bytes']
+           'special_ids', 'tokenizer_from_json', 'save_tokenizer', 'load_tokenizer', 'token_bytes']
 
 # %% ../nbs/01_tokenizer.ipynb #ae8b54e7
 from collections.abc import Iterable
@@ -69,6 +69,13 @@ def train_tokenizer(
     )
     tok.train_from_iterator(texts, trainer)
     return _guarded(tok)
+
+# %% ../nbs/01_tokenizer.ipynb #6d1343bb
+def special_ids(
+    tokenizer: Tokenizer,  # Any `tokenizers` tokenizer
+) -> list[int]:
+    "The ids of the special tokens `tokenizer` has, in `SPECIAL_TOKENS` order"
+    return [i for token in SPECIAL_TOKENS if (i := tokenizer.token_to_id(token)) is not None]
 
 # %% ../nbs/01_tokenizer.ipynb #5ffc887b
 def tokenizer_from_json(

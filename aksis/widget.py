@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections.abc import Callable, Collection, Generator, Sequence
 from dataclasses import replace
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +47,8 @@ _COLORS = {"system": "#888", "user": "#1f6feb", "assistant": "#2da44e"}
 _NOTE = '<i style="color:#888">{}</i>'
 
 
+# each streamed piece redraws the history: the finished messages come from the cache
+@lru_cache(maxsize=1024)
 def _text_html(text: str, markdown: bool) -> str:
     "One message's text as HTML: escaped with its line breaks kept, or rendered from Markdown"
     if markdown:
