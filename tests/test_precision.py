@@ -102,6 +102,16 @@ def test_the_inference_kernel_follows_the_probe(monkeypatch, cache, aten_gbps, o
     assert entry == {"fp32": 71.0, "bf16": 1.8, "aten": aten_gbps, "onednn": onednn_gbps}
 
 
+def test_a_onednn_that_fails_leaves_aten(monkeypatch):
+    def failing(*args):
+        raise RuntimeError("no such kernel on this build")
+
+    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(core, "onednn_linear", failing)
+    speed = cpu_speed()
+    assert speed.onednn_gbps == 0.0 and speed.aten_gbps > 0 and not speed.onednn_fast
+
+
 def test_the_threads_have_their_own_entry(monkeypatch, cache):
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
     monkeypatch.setattr(core, "_linear_gbps", lambda onednn: 10.0)
