@@ -265,10 +265,10 @@ def _linear_gbps(onednn: bool, n_layers: int = 16, seconds: float = 0.05) -> flo
     try:
         with torch.no_grad():
             seconds_per_pass = _best_time(lambda: [linear(x, w) for w in weights], seconds)
-    except RuntimeError:  # a build whose oneDNN cannot run this product: ATen it is
-        if not onednn:
-            raise
-        return 0.0
+    except RuntimeError:
+        if onednn:  # a build whose oneDNN cannot run this product: ATen it is
+            return 0.0
+        raise
     return n_layers * weights[0].nbytes / seconds_per_pass / 1e9
 
 

@@ -254,7 +254,6 @@ def generate_ids(
     config = config or GenerationConfig()
     if not prompt_ids:
         raise AksisError("the prompt is empty: give at least one token to continue from")
-    fast_inference(model)
     if config.sampler == "beam":
         yield from _beam_search(model, prompt_ids, config, stop_ids)
         return
@@ -293,6 +292,7 @@ def _greedy_lookahead(
     stop_ids: Sequence[int],  # Token ids that end the text (they are not yielded)
 ) -> Iterator[int]:
     "Greedy decoding that checks `prompt_lookup` guesses: the same tokens as one step per token, in fewer passes"
+    fast_inference(model)
     device, max_seq_len = _model_device(model), model.config.max_seq_len
     ids, remaining = list(prompt_ids), config.max_new_tokens
     kv_cache = _new_cache(model, 1)
@@ -331,6 +331,7 @@ def _beam_search(
     stop_ids: Sequence[int],  # Token ids that finish a hypothesis
 ) -> list[int]:
     "The best-scoring continuation of `prompt_ids` found by beam search, without its stop token"
+    fast_inference(model)
     width, alpha, max_new_tokens = config.beam_width, config.length_penalty, config.max_new_tokens
     device, n_prompt, stop = _model_device(model), len(prompt_ids), set(stop_ids)
     tokens = torch.tensor([list(prompt_ids)] * width, device=device)  # (W, T) each beam's tokens
