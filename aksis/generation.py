@@ -218,8 +218,8 @@ def generate_batch(
     config: "GenerationConfig",  # Sampler, seed, repetition penalty and `max_new_tokens`
 ) -> Iterator[Tensor]:
     "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time"
-    fast_inference(model)
     B, n_prompt = prompts.shape
+    fast_inference(model, rows=B)
     generator = _random_generator(prompts.device, config.seed)
     tokens = torch.empty(
         B, n_prompt + config.max_new_tokens, dtype=torch.long, device=prompts.device
@@ -292,7 +292,7 @@ def _greedy_lookahead(
     stop_ids: Sequence[int],  # Token ids that end the text (they are not yielded)
 ) -> Iterator[int]:
     "Greedy decoding that checks `prompt_lookup` guesses: the same tokens as one step per token, in fewer passes"
-    fast_inference(model)
+    fast_inference(model, rows=config.lookahead + 1)  # a step checks up to this many tokens
     device, max_seq_len = _model_device(model), model.config.max_seq_len
     ids, remaining = list(prompt_ids), config.max_new_tokens
     kv_cache = _new_cache(model, 1)
@@ -331,7 +331,7 @@ def _beam_search(
     stop_ids: Sequence[int],  # Token ids that finish a hypothesis
 ) -> list[int]:
     "The best-scoring continuation of `prompt_ids` found by beam search, without its stop token"
-    fast_inference(model)
+    fast_inference(model, rows=config.beam_width)
     width, alpha, max_new_tokens = config.beam_width, config.length_penalty, config.max_new_tokens
     device, n_prompt, stop = _model_device(model), len(prompt_ids), set(stop_ids)
     tokens = torch.tensor([list(prompt_ids)] * width, device=device)  # (W, T) each beam's tokens

@@ -30,24 +30,48 @@ from aksis.core import (
     AksisError,
     ModelConfig,
     atomic_path,
+    blockwise_linear,
     cpu_speed,
     hub_reachable,
     onednn_linear,
+    onednn_pack,
 )
 from .tokenizer import SPECIAL_TOKENS, tokenizer_from_json
 
 # %% ../nbs/04_model.ipynb #942781da
 class Linear(nn.Linear):
-    "`nn.Linear`, which multiplies through oneDNN in CPU inference when its `onednn` flag is set"
+    "`nn.Linear` that, in CPU inference, multiplies by the kernels `fast_inference` chose for it"
 
-    onednn = False  # Set by `fast_inference` where oneDNN reads weights faster
+    one_row = "aten"  # The kernel for one row of inputs: aten, onednn or blockwise
+    many_rows = "aten"  # The kernel for several rows: aten or onednn
+    packed: tuple[tuple[int, int], Tensor] | None = None  # (The weight's state, its oneDNN copy)
 
     def forward(self, x: Tensor) -> Tensor:
         "(..., in) -> (..., out)"
-        if self.onednn and x.is_cpu and x.dtype == self.weight.dtype == torch.float32:
+        if x.is_cpu and x.dtype == self.weight.dtype == torch.float32:
             if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
-                return onednn_linear(x, self.weight, self.bias)
+                kernel = self.one_row if x.numel() == x.size(-1) else self.many_rows
+                if kernel == "blockwise":
+                    return blockwise_linear(x, self.weight, self.bias)
+                if kernel == "onednn":
+                    return onednn_linear(x, self._onednn_weight(), self.bias)
         return super().forward(x)
+
+    def _weight_state(self) -> tuple[int, int]:
+        "Where the weight lives and how often it was changed in place: a packed copy of another state is stale"
+        version = -1 if self.weight.is_inference() else self.weight._version
+        return self.weight.data_ptr(), version
+
+    def pack(self) -> None:
+        "Keep a copy of the weight laid out for oneDNN's products of several rows (a second copy in memory), unless one is fresh"
+        if self.packed is None or self.packed[0] != self._weight_state():
+            self.packed = self._weight_state(), onednn_pack(self.weight)
+
+    def _onednn_weight(self) -> Tensor:
+        "The packed weight if it is fresh, else the weight as it is"
+        if self.packed is not None and self.packed[0] == self._weight_state():
+            return self.packed[1]
+        return self.weight
 
 # %% ../nbs/04_model.ipynb #3a38deba
 class MLP(nn.Module):
@@ -338,8 +362,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,  # Buffer type (bf16 halves the memory under autocast)
     ):
         shape = (config.n_layer, batch_size, config.n_head, config.max_seq_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
+        # unwritten slots stay unset, except where a CUDA graph's step reads them masked: 0 × NaN would poison it
+        allocate = torch.zeros if torch.device(device).type == "cuda" else torch.empty
+        self.k = allocate(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
+        self.v = allocate(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
         self.pos: int | Tensor = 0  # Tokens already cached: the next token goes to this position
 
     @property
@@ -443,12 +469,16 @@ def forward(  # noqa: F811
 # %% ../nbs/04_model.ipynb #52509c0b
 def fast_inference(
     model: GPT,  # The model to set, in place
+    rows: int = 1,  # Rows each decode step multiplies: batch size × tokens per step (beam width, lookahead + 1)
 ) -> GPT:
-    "`model`, its linear layers set to multiply through oneDNN in inference if it is on a CPU where `cpu_speed` found oneDNN faster"
-    onednn = next(model.parameters()).device.type == "cpu" and cpu_speed().onednn_fast
+    "`model`, its linear layers set to the kernels `cpu_speed` measured fastest on this CPU, their weights packed for oneDNN where it multiplies several `rows` per step"
+    speed = cpu_speed() if next(model.parameters()).device.type == "cpu" else None
     for module in model.modules():
         if isinstance(module, Linear):
-            module.onednn = onednn
+            module.one_row = speed.one_row_kernel if speed else "aten"
+            module.many_rows = speed.many_row_kernel if speed else "aten"
+            if rows > 1 and module.many_rows == "onednn" and module.weight.dtype == torch.float32:
+                module.pack()  # (16-bit weights multiply through ATen: nothing to pack)
     return model
 
 # %% ../nbs/04_model.ipynb #ce7c3282

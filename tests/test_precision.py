@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,7 +71,14 @@ def test_each_limit_has_its_own_entry(monkeypatch, cache):
 
 
 @pytest.mark.parametrize(
-    "damage", ["{half a file", "[1, 2]", '{"KEY": "text"}', '{"KEY": {"fp32": 1}}']
+    "damage",
+    [
+        "{half a file",
+        "[1, 2]",
+        '{"KEY": "text"}',
+        '{"KEY": {"fp32": 1}}',
+        '{"KEY": {"fp32": 1, "bf16": 2, "aten": 3, "onednn": 4}}',  # an older entry: no kernels per rows
+    ],
 )
 def test_a_damaged_cache_is_measured_again(monkeypatch, cache, damage):
     measure, calls = probe(62.0, 145.0)
@@ -88,33 +96,49 @@ def test_an_unwritable_cache_still_decides(monkeypatch, tmp_path):
     assert speed.cache is None and speed.bf16_fast and "cached" not in speed.describe()
 
 
-@pytest.mark.parametrize("aten_gbps, onednn_gbps, fast", [(11.0, 22.0, True), (15.0, 12.0, False)])
-def test_the_inference_kernel_follows_the_probe(monkeypatch, cache, aten_gbps, onednn_gbps, fast):
+AMD_EPYC = {"aten": 10.0, "onednn": 20.0, "blockwise": 27.0}, {"aten": 9.0, "onednn": 18.0}
+MKL_AHEAD = {"aten": 25.0, "onednn": 20.0, "blockwise": 12.0}, {"aten": 20.0, "onednn": 18.0}
+ONEDNN_AHEAD = {"aten": 11.0, "onednn": 22.0, "blockwise": 15.0}, {"aten": 9.0, "onednn": 18.0}
+
+
+@pytest.mark.parametrize(
+    "gbps, kernels",
+    [
+        (AMD_EPYC, ("blockwise", "onednn")),
+        (MKL_AHEAD, ("aten", "aten")),
+        (ONEDNN_AHEAD, ("onednn", "onednn")),
+    ],
+)
+def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernels):
+    one_row, many_row = gbps
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "_linear_gbps", lambda onednn: onednn_gbps if onednn else aten_gbps)
+    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows: gbps[rows > 1][kernel])
     speed = cpu_speed()
-    assert speed.onednn_fast is fast and (speed.aten_gbps, speed.onednn_gbps) == (
-        aten_gbps,
-        onednn_gbps,
-    )
-    assert speed.describe_inference().startswith("oneDNN (" if fast else "ATen (")
+    assert (speed.one_row_kernel, speed.many_row_kernel) == kernels
+    assert (speed.one_row_gbps, speed.many_row_gbps) == gbps
+    one, many = (core.KERNELS[kernel] for kernel in kernels)
+    assert speed.describe_inference().startswith(f"{one} for one row, {many} for several (")
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry == {"fp32": 71.0, "bf16": 1.8, "aten": aten_gbps, "onednn": onednn_gbps}
+    assert entry == {"fp32": 71.0, "bf16": 1.8, "one_row": one_row, "many_row": many_row}
+    assert cpu_speed() == replace(speed, measured_now=False)  # read back as it was measured
 
 
-def test_a_onednn_that_fails_leaves_aten(monkeypatch):
+def test_kernels_that_fail_leave_aten(monkeypatch):
     def failing(*args):
         raise RuntimeError("no such kernel on this build")
 
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
     monkeypatch.setattr(core, "onednn_linear", failing)
+    monkeypatch.setattr(core, "blockwise_linear", failing)
     speed = cpu_speed()
-    assert speed.onednn_gbps == 0.0 and speed.aten_gbps > 0 and not speed.onednn_fast
+    assert speed.one_row_gbps["onednn"] == speed.one_row_gbps["blockwise"] == 0.0
+    assert speed.many_row_gbps["onednn"] == 0.0 and speed.one_row_gbps["aten"] > 0
+    assert speed.one_row_kernel == speed.many_row_kernel == "aten"
 
 
 def test_the_threads_have_their_own_entry(monkeypatch, cache):
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "_linear_gbps", lambda onednn: 10.0)
+    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows: 10.0)
     cpu_speed()
     threads = torch.get_num_threads()
     try:
