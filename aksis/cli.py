@@ -208,7 +208,7 @@ def main(
     "Show the Aksis and PyTorch versions, the devices found and the precision each would use",
 )
 def info() -> None:
-    "Print versions, the devices PyTorch can use, the precision `auto` chooses and the CPU's inference kernel, with their reasons"
+    "Print versions, the devices PyTorch can use, the precision `auto` chooses and the CPU's inference kernels, with their reasons"
     import torch
 
     from aksis.core import cpu_speed, get_device, precision_for
@@ -223,7 +223,7 @@ def info() -> None:
     print(f"default device: {device}, threads: {torch.get_num_threads()}")
     speed = cpu_speed()
     print(f"cpu precision (auto): {speed.describe()}")
-    print(f"cpu inference kernel: {speed.describe_inference()}")
+    print(f"cpu inference kernels: {speed.describe_inference()}")
     if device.type != "cpu":
         name = "bf16" if precision_for(device).dtype == torch.bfloat16 else "fp16"
         why = (

@@ -82,7 +82,7 @@ def test_info_reports_the_default_device_and_precision(tmp_path):
     pattern = r"^cpu precision \(auto\): (bf16|fp32) \(.+: bf16 matmul [0-9.]+ GFLOP/s vs fp32 [0-9.]+ GFLOP/s, measured now; cached in (.+)\)$"
     match = re.search(pattern, result.stdout, re.M)
     assert match and Path(match[2]) == tmp_path / "cpu_speed.json", result.stdout
-    kernel = r"^cpu inference kernel: (\w+) for one row, (\w+) for several \(GB/s of fp32 weights read, one row: (.+); eight rows: (.+); on \d+ threads?\)$"
+    kernel = r"^cpu inference kernels: (\w+) for one row, (\w+) for several \(GB/s of fp32 weights read, one row: (.+); eight rows: (.+); on \d+ threads?\)$"
     match = re.search(kernel, result.stdout, re.M)
     assert match, result.stdout
     for chosen, ranking in ((match[1], match[3]), (match[2], match[4])):  # fastest first
