@@ -24,8 +24,14 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from . import __version__
-from .core import AksisError, ModelConfig, get_device, model_config, precision_for
-from .generation import GenerationConfig, generate_batch, generate_ids, load_for_inference
+from .core import AksisError, ModelConfig, get_device, model_config
+from aksis.generation import (
+    GenerationConfig,
+    generate_batch,
+    generate_ids,
+    inference_dtype,
+    load_for_inference,
+)
 from .model import GPT, to_hf
 
 # %% ../nbs/10_benchmark.ipynb #a6bd3564
@@ -316,7 +322,7 @@ def benchmark_model(
         checkpoint = load_for_inference(checkpoint_path, device, precision)
         return checkpoint.model, checkpoint.tokenizer
     torch_device = get_device(device)
-    dtype = precision_for(torch_device, precision).dtype or torch.float32
+    dtype = inference_dtype(torch_device, precision) or torch.float32
     torch.manual_seed(0)  # the same weights on every device
     return GPT(model_config(preset or "base")).to(torch_device, dtype).eval(), None
 

@@ -224,6 +224,7 @@ def info() -> None:
     speed = cpu_speed()
     print(f"cpu precision (auto): {speed.describe()}")
     print(f"cpu inference kernels: {speed.describe_inference()}")
+    print(f"cpu decoding precision (auto): {speed.describe_decoding()}")
     if device.type != "cpu":
         name = "bf16" if precision_for(device).dtype == torch.bfloat16 else "fp16"
         why = (
@@ -378,7 +379,7 @@ def inference_flags() -> list[Argument]:
             "--precision",
             choices=PRECISIONS,
             default="fp32",
-            help="The weights' type: fp32, or bf16 or fp16 (cast once, at loading: less memory, faster decoding), or auto: 16 bits where this hardware runs them fast",
+            help="The weights' type: fp32, or bf16 or fp16 (cast once, at loading: less memory, faster decoding), or auto: 16 bits where they decode faster on this hardware",
         ),
         *precision_aliases(),
     ]

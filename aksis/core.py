@@ -188,6 +188,9 @@ class CpuSpeed:
     bf16_gflops: float  # The same product in bf16
     one_row_gbps: dict[str, float]  # GB/s of weights a one-row product reads, by kernel (0: fails)
     many_row_gbps: dict[str, float]  # The same for eight rows
+    bf16_row_gbps: (
+        float  # GB/s of bf16 weights a one-row product reads (through ATen, as 16-bit weights are)
+    )
     capability: str  # `torch.backends.cpu.get_cpu_capability()`, such as `AVX2` or `AVX512`
     cache: Path | None  # The JSON file that holds the measurement (None: it could not be saved)
     measured_now: bool  # Measured in this call, rather than read from `cache`
@@ -196,6 +199,11 @@ class CpuSpeed:
     def bf16_fast(self) -> bool:
         "Whether bf16 beats fp32 here by `BF16_MARGIN`"
         return self.bf16_gflops > BF16_MARGIN * self.fp32_gflops
+
+    @property
+    def bf16_decodes_fast(self) -> bool:
+        "Whether one-row products read bf16 weights at least as fast as fp32's fastest kernel reads fp32's"
+        return self.bf16_row_gbps >= max(self.one_row_gbps.values())
 
     @property
     def one_row_kernel(self) -> str:
@@ -212,6 +220,11 @@ class CpuSpeed:
         source = "measured now" if self.measured_now else "measured before"
         where = f"; cached in {self.cache}" if self.cache else ""
         return f"{'bf16' if self.bf16_fast else 'fp32'} ({self.capability}: bf16 matmul {self.bf16_gflops:.1f} GFLOP/s vs fp32 {self.fp32_gflops:.1f} GFLOP/s, {source}{where})"
+
+    def describe_decoding(self) -> str:
+        "The weights' type `auto` decodes in, and why, on one line"
+        fp32 = max(self.one_row_gbps.values())
+        return f"{'bf16' if self.bf16_decodes_fast else 'fp32'} (one-row products read bf16 weights, 2 bytes each, at {self.bf16_row_gbps:.1f} GB/s and fp32 weights, 4 bytes each, at {fp32:.1f} GB/s)"
 
     def describe_inference(self) -> str:
         "The kernels inference multiplies by, and why, on one line"
@@ -302,11 +315,18 @@ def _matmul_gflops(dtype: torch.dtype, n: int = 256, seconds: float = 0.02) -> f
         torch.set_num_threads(threads)
 
 
-def _linear_gbps(kernel: str, rows: int, n_layers: int = 16, seconds: float = 0.05) -> float:
-    "GB/s of fp32 weights read by `rows`-row products through `kernel` on all threads: `n_layers` (2048, 512) layers, 64 MB, more than a CPU's caches hold, as in decoding; 0 where the kernel cannot run"
+def _linear_gbps(
+    kernel: str,  # A key of `KERNELS`
+    rows: int,  # Rows of inputs
+    dtype: torch.dtype = torch.float32,  # The weights' type
+    n_layers: int = 16,  # (2048, 512) layers: 64 MB in fp32, more than a CPU's caches hold
+    seconds: float = 0.05,  # How long to time
+) -> float:
+    "GB/s of weights read by `rows`-row products through `kernel` on all threads, as in decoding; 0 where the kernel cannot run"
     if kernel == "onednn" and not torch.backends.mkldnn.is_available():
         return 0.0
-    weights, x = [torch.ones(2048, 512) for _ in range(n_layers)], torch.ones(rows, 512)
+    weights = [torch.ones(2048, 512, dtype=dtype) for _ in range(n_layers)]
+    x = torch.ones(rows, 512, dtype=dtype)
     linear = {"aten": F.linear, "onednn": onednn_linear, "blockwise": blockwise_linear}[kernel]
     try:
         with torch.no_grad():
@@ -317,7 +337,7 @@ def _linear_gbps(kernel: str, rows: int, n_layers: int = 16, seconds: float = 0.
         if kernel == "aten":
             raise
         return 0.0  # a build that cannot run this kernel: the others it is
-    return n_layers * 2048 * 512 * 4 / seconds_per_pass / 1e9
+    return n_layers * 2048 * 512 * x.element_size() / seconds_per_pass / 1e9
 
 
 def _cached_speeds(path: Path) -> dict[str, Any]:
@@ -339,20 +359,22 @@ def cpu_speed() -> CpuSpeed:
         fp32, bf16 = float(entry["fp32"]), float(entry["bf16"])
         one_row = {k: float(entry["one_row"][k]) for k in KERNELS}
         many_row = {k: float(entry["many_row"][k]) for k in MANY_ROW_KERNELS}
-        return CpuSpeed(fp32, bf16, one_row, many_row, capability, path, False)
+        bf16_row = float(entry["bf16_row"])
+        return CpuSpeed(fp32, bf16, one_row, many_row, bf16_row, capability, path, False)
     except (KeyError, TypeError, ValueError):
         pass  # not measured with this CPU, these limits, threads and torch yet, or a damaged entry
     fp32, bf16 = _matmul_gflops(torch.float32), _matmul_gflops(torch.bfloat16)
     one_row = {k: _linear_gbps(k, rows=1) for k in KERNELS}
     many_row = {k: _linear_gbps(k, rows=8) for k in MANY_ROW_KERNELS}
-    entries[key] = {"fp32": fp32, "bf16": bf16, "one_row": one_row, "many_row": many_row}
+    bf16_row = _linear_gbps("aten", rows=1, dtype=torch.bfloat16)
+    entries[key] = dict(fp32=fp32, bf16=bf16, one_row=one_row, many_row=many_row, bf16_row=bf16_row)
     saved: Path | None = path
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(entries, indent=1))
     except AksisError:  # an unwritable cache costs only a measurement next time
         saved = None
-    return CpuSpeed(fp32, bf16, one_row, many_row, capability, saved, True)
+    return CpuSpeed(fp32, bf16, one_row, many_row, bf16_row, capability, saved, True)
 
 # %% ../nbs/00_core.ipynb #ac21e3f4
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -6,7 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'inference_dtype',
+           'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from .core import AksisError, get_device, precision_for
+from .core import AksisError, cpu_speed, get_device, precision_for
 from .model import GPT, Checkpoint, KVCache, fast_inference, load_checkpoint
 from .tokenizer import special_ids
 
@@ -445,6 +446,16 @@ def generate(
     return text[: _find_stop(text, config.stop)]
 
 # %% ../nbs/06_generation.ipynb #0a6ab6e8
+def inference_dtype(
+    device: torch.device,  # Where the model runs
+    precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
+) -> torch.dtype | None:
+    "The type to cast the weights to for generation (None: fp32, no cast): `precision_for`'s, except that `auto` on a CPU means bf16 only where bf16 weights decode fast"
+    if precision == "auto" and device.type == "cpu":
+        return torch.bfloat16 if cpu_speed().bf16_decodes_fast else None
+    return precision_for(device, precision).dtype
+
+
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
     device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
@@ -452,7 +463,7 @@ def load_for_inference(
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
     torch_device = get_device(device)
-    dtype = precision_for(torch_device, precision).dtype
+    dtype = inference_dtype(torch_device, precision)
     checkpoint = load_checkpoint(checkpoint_path, torch_device)
     if dtype is not None:
         checkpoint.model.to(dtype)

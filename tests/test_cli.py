@@ -85,12 +85,20 @@ def test_info_reports_the_default_device_and_precision(tmp_path):
     kernel = r"^cpu inference kernels: (\w+) for one row, (\w+) for several \(GB/s of fp32 weights read, one row: (.+); eight rows: (.+); on \d+ threads?\)$"
     match = re.search(kernel, result.stdout, re.M)
     assert match, result.stdout
+    fastest_one_row = float(match[3].split(", ")[0].split()[1])
     for chosen, ranking in ((match[1], match[3]), (match[2], match[4])):  # fastest first
         speeds = [
             (name, float(gbps)) for name, gbps in (item.split() for item in ranking.split(", "))
         ]
         assert chosen == speeds[0][0], result.stdout
         assert [gbps for _, gbps in speeds] == sorted((gbps for _, gbps in speeds), reverse=True)
+    decoding = r"^cpu decoding precision \(auto\): (bf16|fp32) \(one-row products read bf16 weights, 2 bytes each, at ([0-9.]+) GB/s and fp32 weights, 4 bytes each, at ([0-9.]+) GB/s\)$"
+    match = re.search(decoding, result.stdout, re.M)
+    assert match, result.stdout
+    bf16_gbps, fp32_gbps = float(match[2]), float(match[3])
+    assert fp32_gbps == fastest_one_row, result.stdout
+    # rounded: equal ones decide nothing
+    assert match[1] == ("bf16" if bf16_gbps > fp32_gbps else "fp32") or bf16_gbps == fp32_gbps
 
 
 def test_help_does_not_import_heavy_packages():

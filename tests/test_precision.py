@@ -112,14 +112,21 @@ ONEDNN_AHEAD = {"aten": 11.0, "onednn": 22.0, "blockwise": 15.0}, {"aten": 9.0, 
 def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernels):
     one_row, many_row = gbps
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows: gbps[rows > 1][kernel])
+    monkeypatch.setattr(
+        core,
+        "_linear_gbps",
+        lambda kernel, rows, dtype=torch.float32: (
+            14.0 if dtype == torch.bfloat16 else gbps[rows > 1][kernel]
+        ),
+    )
     speed = cpu_speed()
     assert (speed.one_row_kernel, speed.many_row_kernel) == kernels
     assert (speed.one_row_gbps, speed.many_row_gbps) == gbps
     one, many = (core.KERNELS[kernel] for kernel in kernels)
     assert speed.describe_inference().startswith(f"{one} for one row, {many} for several (")
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry == {"fp32": 71.0, "bf16": 1.8, "one_row": one_row, "many_row": many_row}
+    assert entry == dict(fp32=71.0, bf16=1.8, one_row=one_row, many_row=many_row, bf16_row=14.0)
+    assert not speed.bf16_decodes_fast and speed.describe_decoding().startswith("fp32 (")
     assert cpu_speed() == replace(speed, measured_now=False)  # read back as it was measured
 
 
@@ -138,7 +145,7 @@ def test_kernels_that_fail_leave_aten(monkeypatch):
 
 def test_the_threads_have_their_own_entry(monkeypatch, cache):
     monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows: 10.0)
+    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows, dtype=torch.float32: 10.0)
     cpu_speed()
     threads = torch.get_num_threads()
     try:
