@@ -188,9 +188,7 @@ class CpuSpeed:
     bf16_gflops: float  # The same product in bf16
     one_row_gbps: dict[str, float]  # GB/s of weights a one-row product reads, by kernel (0: fails)
     many_row_gbps: dict[str, float]  # The same for eight rows
-    bf16_row_gbps: (
-        float  # GB/s of bf16 weights a one-row product reads (through ATen, as 16-bit weights are)
-    )
+    bf16_row_gbps: float  # The same for bf16 weights through ATen, as a 16-bit model runs them
     capability: str  # `torch.backends.cpu.get_cpu_capability()`, such as `AVX2` or `AVX512`
     cache: Path | None  # The JSON file that holds the measurement (None: it could not be saved)
     measured_now: bool  # Measured in this call, rather than read from `cache`

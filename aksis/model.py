@@ -64,8 +64,9 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         "Keep a copy of the weight laid out for oneDNN's products of several rows (a second copy in memory), unless one is fresh"
-        if self.packed is None or self.packed[0] != self._weight_state():
-            self.packed = self._weight_state(), onednn_pack(self.weight)
+        state = self._weight_state()
+        if self.packed is None or self.packed[0] != state:
+            self.packed = state, onednn_pack(self.weight)
 
     def _onednn_weight(self) -> Tensor:
         "The packed weight if it is fresh, else the weight as it is"
