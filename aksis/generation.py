@@ -168,7 +168,7 @@ def _extend(
     if kv_cache.pos + n_new > max_seq_len:
         kv_cache.reset()
         n_new = max(max_seq_len // 2, 1)
-    logits, _ = model(tokens[:, -n_new:], kv_cache=kv_cache)
+    logits, _ = model(tokens[:, -n_new:], kv_cache=kv_cache, n_logits=1)
     return logits[:, -1].float()
 
 

@@ -443,6 +443,7 @@ def forward(  # noqa: F811
     idx: Tensor,  # Token ids (B, T), int64
     targets: Tensor | None = None,  # Next-token ids (B, T); -100 marks positions to ignore
     kv_cache: "KVCache | None" = None,  # Cache to read and extend: `idx` sits at positions `kv_cache.pos ...`
+    n_logits: int | None = None,  # Only the last `n_logits` positions' logits
 ) -> tuple[Tensor, Tensor | None]:
     "Logits (B, T, vocab_size) for the next token at every position, and the mean cross-entropy if `targets` is given"
     B, T = idx.shape
@@ -460,7 +461,9 @@ def forward(  # noqa: F811
         attn_mask = causal_mask(T, pos + T, offset=pos, device=idx.device)  # (T, pos + T)
     for block in self.blocks:
         x = block(x, kv_cache, attn_mask)  # (B, T, C)
-    logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+    if n_logits is not None:  # generation reads the last position's only
+        x = x[:, -n_logits:]
+    logits = self.lm_head(self.ln_f(x))  # (B, n_logits or T, vocab_size)
     if kv_cache is not None:
         kv_cache.pos += T
     if targets is None:
