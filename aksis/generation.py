@@ -7,7 +7,7 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
            'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'inference_dtype',
-           'load_for_inference']
+           'decodes_in_fp16', 'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -450,16 +450,24 @@ def inference_dtype(
     device: torch.device,  # Where the model runs
     precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
 ) -> torch.dtype | None:
-    "The type to cast the weights to for generation (None: fp32, no cast): `precision_for`'s, except that `auto` on a CPU means bf16 only where bf16 weights decode fast"
+    "The type to cast the weights to for generation (None: fp32, no cast): `precision_for`'s, except that `auto` on a CPU keeps fp32"
     if precision == "auto" and device.type == "cpu":
-        return torch.bfloat16 if cpu_speed().bf16_decodes_fast else None
+        return None  # prefill and batches are fastest in fp32; one-row products: `decodes_in_fp16`
     return precision_for(device, precision).dtype
+
+
+def decodes_in_fp16(
+    device: torch.device,  # Where the model runs
+    precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
+) -> bool:
+    "Whether a model's one-row products use fp16 copies of its fp32 weights (`GPT.fp16_decoding`): for `auto` on a CPU whose fp16 products read weights fast"
+    return precision == "auto" and device.type == "cpu" and cpu_speed().fp16_decodes_fast
 
 
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
     device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
-    precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s 16-bit type
+    precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s choice
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
     torch_device = get_device(device)
@@ -467,4 +475,5 @@ def load_for_inference(
     checkpoint = load_checkpoint(checkpoint_path, torch_device)
     if dtype is not None:
         checkpoint.model.to(dtype)
+    checkpoint.model.fp16_decoding = decodes_in_fp16(torch_device, precision)
     return checkpoint

@@ -32,6 +32,7 @@ from aksis.core import (
     atomic_path,
     blockwise_linear,
     cpu_speed,
+    half_linear,
     hub_reachable,
     onednn_linear,
     onednn_pack,
@@ -42,37 +43,45 @@ from .tokenizer import SPECIAL_TOKENS, tokenizer_from_json
 class Linear(nn.Linear):
     "`nn.Linear` that, in CPU inference, multiplies by the kernels `fast_inference` chose for it"
 
-    one_row = "aten"  # The kernel for one row of inputs: aten, onednn or blockwise
+    one_row = (
+        "aten"  # The kernel for one row of inputs: aten, onednn, blockwise or fp16 (`half_linear`)
+    )
     many_rows = "aten"  # The kernel for several rows: aten or onednn
     packed: tuple[tuple[int, int], Tensor] | None = None  # (The weight's state, its oneDNN copy)
+    halved: tuple[tuple[int, int], Tensor] | None = None  # (The weight's state, its fp16 copy)
 
     def forward(self, x: Tensor) -> Tensor:
         "(..., in) -> (..., out)"
         if x.is_cpu and x.dtype == self.weight.dtype == torch.float32:
             if not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
                 kernel = self.one_row if x.numel() == x.size(-1) else self.many_rows
+                if kernel == "fp16" and (halved := self._fresh(self.halved)) is not None:
+                    return half_linear(x, halved, self.bias)
                 if kernel == "blockwise":
                     return blockwise_linear(x, self.weight, self.bias)
                 if kernel == "onednn":
-                    return onednn_linear(x, self._onednn_weight(), self.bias)
+                    packed = self._fresh(self.packed)
+                    return onednn_linear(x, self.weight if packed is None else packed, self.bias)
         return super().forward(x)
 
     def _weight_state(self) -> tuple[int, int]:
-        "Where the weight lives and how often it was changed in place: a packed copy of another state is stale"
+        "Where the weight lives and how often it was changed in place: a copy made from another state is stale"
         version = -1 if self.weight.is_inference() else self.weight._version
         return self.weight.data_ptr(), version
 
+    def _fresh(self, copy: tuple[tuple[int, int], Tensor] | None) -> Tensor | None:
+        "The copy if it was made from the weight as it is now, else None"
+        return copy[1] if copy is not None and copy[0] == self._weight_state() else None
+
     def pack(self) -> None:
         "Keep a copy of the weight laid out for oneDNN's products of several rows (a second copy in memory), unless one is fresh"
-        state = self._weight_state()
-        if self.packed is None or self.packed[0] != state:
-            self.packed = state, onednn_pack(self.weight)
+        if self._fresh(self.packed) is None:
+            self.packed = self._weight_state(), onednn_pack(self.weight)
 
-    def _onednn_weight(self) -> Tensor:
-        "The packed weight if it is fresh, else the weight as it is"
-        if self.packed is not None and self.packed[0] == self._weight_state():
-            return self.packed[1]
-        return self.weight
+    def halve(self) -> None:
+        "Keep an fp16 copy of the weight for `half_linear`'s one-row products (half the size), unless one is fresh"
+        if self._fresh(self.halved) is None:
+            self.halved = self._weight_state(), self.weight.detach().half()
 
 # %% ../nbs/04_model.ipynb #3a38deba
 class MLP(nn.Module):
@@ -159,6 +168,10 @@ def _check_length(pos: int, T: int, max_seq_len: int) -> None:
 # %% ../nbs/04_model.ipynb #54a60d71
 class GPT(nn.Module):
     "A GPT-2-style decoder-only language model"
+
+    fp16_decoding = (
+        False  # In CPU inference, one-row products by fp16 copies of the weights (`fast_inference`)
+    )
 
     def __init__(
         self,
@@ -475,14 +488,20 @@ def fast_inference(
     model: GPT,  # The model to set, in place
     rows: int = 1,  # Rows each decode step multiplies: batch size × tokens per step (beam width, lookahead + 1)
 ) -> GPT:
-    "`model`, its linear layers set to the kernels `cpu_speed` measured fastest on this CPU, their weights packed for oneDNN where it multiplies several `rows` per step"
+    "`model`, its linear layers set to the kernels `cpu_speed` measured fastest on this CPU (fp16 copies for one row if `model.fp16_decoding`), their weights packed for oneDNN where it multiplies several `rows` per step"
     speed = cpu_speed() if next(model.parameters()).device.type == "cpu" else None
+    fp16 = speed is not None and model.fp16_decoding
     for module in model.modules():
         if isinstance(module, Linear):
-            module.one_row = speed.one_row_kernel if speed else "aten"
+            module.one_row = "fp16" if fp16 else speed.one_row_kernel if speed else "aten"
             module.many_rows = speed.many_row_kernel if speed else "aten"
-            if rows > 1 and module.many_rows == "onednn" and module.weight.dtype == torch.float32:
-                module.pack()  # (16-bit weights multiply through ATen: nothing to pack)
+            if (
+                module.weight.dtype == torch.float32
+            ):  # (16-bit weights multiply through ATen: no copies)
+                if fp16:
+                    module.halve()
+                if rows > 1 and module.many_rows == "onednn":
+                    module.pack()
     return model
 
 # %% ../nbs/04_model.ipynb #ce7c3282

@@ -93,14 +93,16 @@ def test_info_reports_the_default_device_and_precision(tmp_path):
         ]
         assert chosen == speeds[0][0], result.stdout
         assert [gbps for _, gbps in speeds] == sorted((gbps for _, gbps in speeds), reverse=True)
-    decoding = r"^cpu decoding precision \(auto\): (bf16|fp32) \(one-row products read bf16 weights, 2 bytes each, at ([0-9.]+) GB/s and fp32 weights, 4 bytes each, at ([0-9.]+) GB/s\)$"
+    decoding = r"^cpu decoding precision \(auto\): (fp16 copies|fp32) \(one-row products read fp16 weights, 2 bytes each, at ([0-9.]+) GB/s and fp32 weights, 4 bytes each, at ([0-9.]+) GB/s\)$"
     match = re.search(decoding, result.stdout, re.M)
     assert match, result.stdout
-    bf16_gbps, fp32_gbps = float(match[2]), float(match[3])
+    fp16_gbps, fp32_gbps = float(match[2]), float(match[3])
     assert fp32_gbps == fastest_one_row, result.stdout
-    ratio = 2 * bf16_gbps / fp32_gbps  # how much faster bf16 weights are read
-    if abs(ratio - core.BF16_DECODE_MARGIN) > 0.02:  # rounded speeds at the margin decide nothing
-        assert match[1] == ("bf16" if ratio > core.BF16_DECODE_MARGIN else "fp32"), result.stdout
+    ratio = 2 * fp16_gbps / fp32_gbps  # how much faster fp16 weights are read
+    if abs(ratio - core.FP16_DECODE_MARGIN) > 0.02:  # rounded speeds at the margin decide nothing
+        assert match[1] == ("fp16 copies" if ratio > core.FP16_DECODE_MARGIN else "fp32"), (
+            result.stdout
+        )
 
 
 def test_help_does_not_import_heavy_packages():

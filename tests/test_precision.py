@@ -116,7 +116,7 @@ def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernel
         core,
         "_linear_gbps",
         lambda kernel, rows, dtype=torch.float32: (
-            14.0 if dtype == torch.bfloat16 else gbps[rows > 1][kernel]
+            14.0 if dtype == torch.float16 else gbps[rows > 1][kernel]
         ),
     )
     speed = cpu_speed()
@@ -125,8 +125,8 @@ def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernel
     one, many = (core.KERNELS[kernel] for kernel in kernels)
     assert speed.describe_inference().startswith(f"{one} for one row, {many} for several (")
     (entry,) = json.loads(cache.read_text()).values()
-    assert entry == dict(fp32=71.0, bf16=1.8, one_row=one_row, many_row=many_row, bf16_row=14.0)
-    assert not speed.bf16_decodes_fast and speed.describe_decoding().startswith("fp32 (")
+    assert entry == dict(fp32=71.0, bf16=1.8, one_row=one_row, many_row=many_row, fp16_row=14.0)
+    assert not speed.fp16_decodes_fast and speed.describe_decoding().startswith("fp32 (")
     assert cpu_speed() == replace(speed, measured_now=False)  # read back as it was measured
 
 
