@@ -27,10 +27,9 @@ from . import __version__
 from .core import AksisError, ModelConfig, get_device, model_config
 from aksis.generation import (
     GenerationConfig,
-    decodes_in_fp16,
     generate_batch,
     generate_ids,
-    inference_dtype,
+    inference_precision,
     load_for_inference,
 )
 from .model import GPT, to_hf
@@ -328,10 +327,10 @@ def benchmark_model(
         checkpoint = load_for_inference(checkpoint_path, device, precision)
         return checkpoint.model, checkpoint.tokenizer
     torch_device = get_device(device)
-    dtype = inference_dtype(torch_device, precision) or torch.float32
+    dtype, fp16_decoding = inference_precision(torch_device, precision)
     torch.manual_seed(0)  # the same weights on every device
-    model = GPT(model_config(preset or "base")).to(torch_device, dtype).eval()
-    model.fp16_decoding = decodes_in_fp16(torch_device, precision)
+    model = GPT(model_config(preset or "base")).to(torch_device, dtype or torch.float32).eval()
+    model.fp16_decoding = fp16_decoding
     return model, None
 
 

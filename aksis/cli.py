@@ -379,7 +379,7 @@ def inference_flags() -> list[Argument]:
             "--precision",
             choices=PRECISIONS,
             default="fp32",
-            help="The weights' type: fp32, or bf16 or fp16 (cast once, at loading: less memory, faster decoding), or auto: 16 bits where they decode faster on this hardware",
+            help="The weights' type: fp32, or bf16 or fp16 (cast once, at loading: less memory, faster decoding), or auto: what decodes fastest on this hardware (on a CPU, fp32 with fp16 copies for one-token steps)",
         ),
         *precision_aliases(),
     ]

@@ -6,8 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'inference_dtype',
-           'decodes_in_fp16', 'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'inference_precision',
+           'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -446,22 +446,14 @@ def generate(
     return text[: _find_stop(text, config.stop)]
 
 # %% ../nbs/06_generation.ipynb #0a6ab6e8
-def inference_dtype(
+def inference_precision(
     device: torch.device,  # Where the model runs
     precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
-) -> torch.dtype | None:
-    "The type to cast the weights to for generation (None: fp32, no cast): `precision_for`'s, except that `auto` on a CPU keeps fp32"
-    if precision == "auto" and device.type == "cpu":
-        return None  # prefill and batches are fastest in fp32; one-row products: `decodes_in_fp16`
-    return precision_for(device, precision).dtype
-
-
-def decodes_in_fp16(
-    device: torch.device,  # Where the model runs
-    precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
-) -> bool:
-    "Whether a model's one-row products use fp16 copies of its fp32 weights (`GPT.fp16_decoding`): for `auto` on a CPU whose fp16 products read weights fast"
-    return precision == "auto" and device.type == "cpu" and cpu_speed().fp16_decodes_fast
+) -> tuple[torch.dtype | None, bool]:
+    "For generation: the type to cast the weights to (None: fp32, no cast), and whether one-row products use fp16 copies of them (`GPT.fp16_decoding`)"
+    if precision == "auto" and device.type == "cpu":  # prefill and batches are fastest in fp32
+        return None, cpu_speed().fp16_decodes_fast
+    return precision_for(device, precision).dtype, False
 
 
 def load_for_inference(
@@ -471,9 +463,9 @@ def load_for_inference(
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
     torch_device = get_device(device)
-    dtype = inference_dtype(torch_device, precision)
+    dtype, fp16_decoding = inference_precision(torch_device, precision)
     checkpoint = load_checkpoint(checkpoint_path, torch_device)
     if dtype is not None:
         checkpoint.model.to(dtype)
-    checkpoint.model.fp16_decoding = decodes_in_fp16(torch_device, precision)
+    checkpoint.model.fp16_decoding = fp16_decoding
     return checkpoint

@@ -43,9 +43,7 @@ from .tokenizer import SPECIAL_TOKENS, tokenizer_from_json
 class Linear(nn.Linear):
     "`nn.Linear` that, in CPU inference, multiplies by the kernels `fast_inference` chose for it"
 
-    one_row = (
-        "aten"  # The kernel for one row of inputs: aten, onednn, blockwise or fp16 (`half_linear`)
-    )
+    one_row = "aten"  # The kernel for one row: aten, onednn, blockwise or fp16 (`half_linear`)
     many_rows = "aten"  # The kernel for several rows: aten or onednn
     packed: tuple[tuple[int, int], Tensor] | None = None  # (The weight's state, its oneDNN copy)
     halved: tuple[tuple[int, int], Tensor] | None = None  # (The weight's state, its fp16 copy)
@@ -169,9 +167,7 @@ def _check_length(pos: int, T: int, max_seq_len: int) -> None:
 class GPT(nn.Module):
     "A GPT-2-style decoder-only language model"
 
-    fp16_decoding = (
-        False  # In CPU inference, one-row products by fp16 copies of the weights (`fast_inference`)
-    )
+    fp16_decoding = False  # CPU inference: one-row products by fp16 copies (`fast_inference`)
 
     def __init__(
         self,
@@ -458,7 +454,7 @@ def forward(  # noqa: F811
     kv_cache: "KVCache | None" = None,  # Cache to read and extend: `idx` sits at positions `kv_cache.pos ...`
     n_logits: int | None = None,  # Only the last `n_logits` positions' logits
 ) -> tuple[Tensor, Tensor | None]:
-    "Logits (B, T, vocab_size) for the next token at every position, and the mean cross-entropy if `targets` is given"
+    "Logits (B, T, vocab_size) for the next token at every position (or the last `n_logits`), and the mean cross-entropy if `targets` is given"
     B, T = idx.shape
     pos = 0 if kv_cache is None else kv_cache.pos
     # a position held in a tensor (CUDA graphs) is its caller's to check
@@ -490,17 +486,17 @@ def fast_inference(
 ) -> GPT:
     "`model`, its linear layers set to the kernels `cpu_speed` measured fastest on this CPU (fp16 copies for one row if `model.fp16_decoding`), their weights packed for oneDNN where it multiplies several `rows` per step"
     speed = cpu_speed() if next(model.parameters()).device.type == "cpu" else None
-    fp16 = speed is not None and model.fp16_decoding
+    one_row, many_rows = "aten", "aten"  # PyTorch's own, off the CPU
+    if speed:
+        one_row = "fp16" if model.fp16_decoding else speed.one_row_kernel
+        many_rows = speed.many_row_kernel
     for module in model.modules():
         if isinstance(module, Linear):
-            module.one_row = "fp16" if fp16 else speed.one_row_kernel if speed else "aten"
-            module.many_rows = speed.many_row_kernel if speed else "aten"
-            if (
-                module.weight.dtype == torch.float32
-            ):  # (16-bit weights multiply through ATen: no copies)
-                if fp16:
+            module.one_row, module.many_rows = one_row, many_rows
+            if module.weight.dtype == torch.float32:  # 16-bit weights go through ATen, uncopied
+                if one_row == "fp16":
                     module.halve()
-                if rows > 1 and module.many_rows == "onednn":
+                if rows > 1 and many_rows == "onednn":
                     module.pack()
     return model
 
