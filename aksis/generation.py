@@ -232,11 +232,19 @@ def generate_batch(
     penalize = config.repetition_penalty != 1.0
     for n in range(n_prompt, tokens.size(1)):
         next_ids = sample(logits, config, generator, tokens[:, :n] if penalize else None)  # (B,)
-        yield next_ids
         tokens[:, n] = next_ids
-        if n + 1 == tokens.size(1):
+        last = n + 1 == tokens.size(1)
+        if graph_step and not last:  # the GPU replays the next step while the caller reads this one
+            copied_ids, copied = next_ids.to("cpu", non_blocking=True), torch.cuda.Event()
+            copied.record()
+            logits = graph_step(next_ids)
+            copied.synchronize()
+            yield copied_ids
+            continue
+        yield next_ids
+        if last:
             return
-        if use_graph and graph_step is None:  # recorded after the first token, not before it
+        if use_graph:  # recorded after the first token, not before it
             graph_step = _graph_step(model, kv_cache)
         # decode: replay the recorded step, or run the model on the new tokens
         logits = (

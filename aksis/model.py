@@ -430,7 +430,10 @@ def forward(
         k, v = k.to(q.dtype), v.to(q.dtype)
     dropout_p = self.dropout if self.training else 0.0
     causal = kv_cache is None  # without a cache, the keys are exactly the queries' positions
-    y = attention(q, k, v, attn_mask, causal, dropout_p, self.manual_attention)  # (B, nh, T, hd)
+    # a CUDA graph's step reads every slot: SDPA's fp32 kernel walks them one tile at a time per head
+    every_slot = kv_cache is not None and isinstance(kv_cache.pos, Tensor)
+    manual = self.manual_attention or (every_slot and q.dtype == torch.float32)
+    y = attention(q, k, v, attn_mask, causal, dropout_p, manual)  # (B, nh, T, hd)
     return self.resid_dropout(self.c_proj(merge_heads(y)))  # (B, T, C)
 
 
