@@ -7,8 +7,8 @@ Docs: https://aksis-ai.github.io/aksis/core.html.md"""
 # %% auto #0
 __all__ = ['BF16_MARGIN', 'FP16_DECODE_MARGIN', 'KERNELS', 'MANY_ROW_KERNELS', 'PRECISIONS', 'PRESETS', 'AksisError', 'cache_dir',
            'atomic_path', 'process_alive', 'remove_stale_temps', 'get_device', 'seed_everything', 'hub_reachable',
-           'Precision', 'CpuSpeed', 'onednn_linear', 'onednn_pack', 'blockwise_linear', 'half_linear', 'cpu_speed',
-           'precision_for', 'ModelConfig', 'model_config']
+           'hub_offline', 'Precision', 'CpuSpeed', 'onednn_linear', 'onednn_pack', 'blockwise_linear', 'half_linear',
+           'cpu_speed', 'precision_for', 'ModelConfig', 'model_config']
 
 # %% ../nbs/00_core.ipynb #ba1b8ebb
 import json
@@ -155,6 +155,14 @@ def hub_reachable(
     except OSError:
         return False
     return True
+
+# %% ../nbs/00_core.ipynb #01d2a1d4
+def hub_offline() -> bool:
+    "Whether the Hugging Face libraries read only their caches (`HF_HUB_OFFLINE`, or `HF_DATASETS_OFFLINE` for `datasets`)"
+    from huggingface_hub import constants
+
+    datasets_switch = os.environ.get("HF_DATASETS_OFFLINE", "").upper()
+    return constants.HF_HUB_OFFLINE or datasets_switch in constants.ENV_VARS_TRUE_VALUES
 
 # %% ../nbs/00_core.ipynb #8bb13844
 @dataclass(frozen=True)

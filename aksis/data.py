@@ -17,7 +17,6 @@ import hashlib
 import html
 import importlib.metadata
 import json
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +32,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from .core import AksisError, atomic_path, cache_dir, hub_reachable
+from .core import AksisError, atomic_path, cache_dir, hub_offline, hub_reachable
 from .tokenizer import DEFAULT_VOCAB_SIZE, EOT, load_tokenizer, save_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
@@ -237,8 +236,7 @@ _NO_HUB = (
 def _wikitext_hub() -> dict[str, list[str]]:
     from datasets import load_dataset
 
-    offline = any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and not hub_reachable():  # offline mode leaves it to `datasets`' own cache
+    if not hub_offline() and not hub_reachable():  # offline mode leaves it to `datasets`' own cache
         raise AksisError(_NO_HUB)
     try:
         with _quiet_datasets():

@@ -12,7 +12,6 @@ __all__ = ['IDENTITY', 'FINE_TUNE_DEFAULTS', 'parse_conversation', 'read_jsonl',
 
 # %% ../nbs/08_finetune.ipynb #b0b3b162
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 
 from .chat import Message, build_prompt, context_budget, render_message, special_id
-from .core import AksisError, Precision, hub_reachable
+from .core import AksisError, Precision, hub_offline, hub_reachable
 from .data import json_lines, shakespeare_chat
 from .generation import GenerationConfig, generate_ids
 from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2
@@ -82,41 +81,33 @@ def read_jsonl(
     return conversations
 
 # %% ../nbs/08_finetune.ipynb #02b4bf59
-def _hub_offline(name: str) -> AksisError | None:
-    "An error if the Hugging Face Hub cannot be reached for dataset `name`, else None"
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        return AksisError(
-            f"cannot load dataset {name!r}: the Hugging Face Hub is switched off (HF_HUB_OFFLINE); give a local .jsonl file"
-        )
-    if not hub_reachable(constants.ENDPOINT):
-        return AksisError(
-            f"cannot load dataset {name!r}: {constants.ENDPOINT} is unreachable; connect to the internet or give a local .jsonl file"
-        )
-    return None
-
-
 def load_dataset_conversations(
     name: str,  # A dataset on the Hugging Face Hub, or a local .parquet/.json/.jsonl/.csv file
 ) -> dict[str, list[list[Message]]]:
     "The conversations of a `datasets` dataset with a `messages` column, by split"
     from datasets import load_dataset
+    from huggingface_hub import constants
 
     path = Path(name)
-    local = path.is_file()
-    if not local and (failure := _hub_offline(name)):
-        raise failure
+    local, offline = path.is_file(), hub_offline()
+    # online, an unreachable Hub fails at once rather than after the library's retries
+    if not local and not offline and not hub_reachable(constants.ENDPOINT):
+        raise AksisError(
+            f"cannot load dataset {name!r}: {constants.ENDPOINT} is unreachable; connect to the internet or give a local .jsonl file"
+        )
     try:
         if local:
             kind = {".jsonl": "json", ".json": "json"}.get(path.suffix, path.suffix[1:])
             splits = load_dataset(kind, data_files=str(path))
         else:
             splits = load_dataset(name)
-    except Exception as e:
-        raise AksisError(
-            f"cannot load dataset {name!r}: {' '.join(str(e).split())[:200]}"
-        ) from None
+    except Exception as e:  # offline, `datasets` reports a name it has not cached as unreachable
+        reason = (
+            "it is not in the local cache and HF_HUB_OFFLINE is set; give a local .jsonl file"
+            if offline and isinstance(e, ConnectionError)
+            else " ".join(str(e).split())[:200]
+        )
+        raise AksisError(f"cannot load dataset {name!r}: {reason}") from None
     result = {}
     for split, rows in splits.items():
         if "messages" not in rows.column_names:

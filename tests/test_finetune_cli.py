@@ -184,6 +184,16 @@ def test_bad_start_is_one_line_and_writes_nothing(chats, tmp_path, env, make_sta
     assert not (tmp_path / "out").exists()
 
 
+def test_uncached_hub_dataset_offline_is_one_line(base, tmp_path, env):
+    empty_cache = {**env, "HF_HOME": str(tmp_path / "hf")}  # HF_HUB_OFFLINE=1: datasets' cache only
+    result = aksis(*tune(base, "someone/chats", tmp_path / "out"), env=empty_cache)
+    one_line_error(
+        result,
+        "cannot load dataset 'someone/chats': it is not in the local cache and HF_HUB_OFFLINE is set",
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_gpt2_offline_fails_fast(chats, tmp_path, env):
     started = time.monotonic()
     result = aksis(*tune("gpt2", chats, tmp_path / "out"), env=env)
