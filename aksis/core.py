@@ -210,7 +210,7 @@ class CpuSpeed:
     @property
     def fp16_decodes_fast(self) -> bool:
         "Whether one-row products read all of a model's weights in fp16 `FP16_DECODE_MARGIN` times as fast as fp32's fastest kernel reads them in fp32"
-        return 2 * self.fp16_row_gbps >= FP16_DECODE_MARGIN * max(self.one_row_gbps.values())
+        return 2 * self.fp16_row_gbps >= FP16_DECODE_MARGIN * self.one_row_gbps[self.one_row_kernel]
 
     @property
     def one_row_kernel(self) -> str:
@@ -230,7 +230,7 @@ class CpuSpeed:
 
     def describe_decoding(self) -> str:
         "The weights `auto` decodes one row with, and why, on one line"
-        fp32 = max(self.one_row_gbps.values())
+        fp32 = self.one_row_gbps[self.one_row_kernel]
         return f"{'fp16 copies' if self.fp16_decodes_fast else 'fp32'} (one-row products read fp16 weights, 2 bytes each, at {self.fp16_row_gbps:.1f} GB/s and fp32 weights, 4 bytes each, at {fp32:.1f} GB/s)"
 
     def describe_inference(self) -> str:

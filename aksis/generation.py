@@ -218,7 +218,7 @@ def generate_batch(
     prompts: Tensor,  # (B, T) prompt ids on the model's device, one row per text
     config: "GenerationConfig",  # Sampler, seed, repetition penalty and `max_new_tokens`
 ) -> Iterator[Tensor]:
-    "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time"
+    "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time (replayed from a CUDA graph, one step ahead: the tokens copied to the CPU)"
     B, n_prompt = prompts.shape
     fast_inference(model, rows=B)
     generator = _random_generator(prompts.device, config.seed)
