@@ -564,6 +564,9 @@ def load_checkpoint(
 ) -> "Checkpoint":
     "Load a checkpoint written by `save_checkpoint`, never running code from it"
     path = Path(path)
+    if path.is_dir():
+        inside = ", ".join(str(p) for p in sorted(path.glob("*.pt"))) or "it holds none"
+        raise AksisError(f"{path} is a directory: give the path of a checkpoint file ({inside})")
     if not path.is_file():
         raise AksisError(
             f"checkpoint {path} not found: give the path of a .pt file written by `aksis train-model`"
@@ -579,7 +582,10 @@ def load_checkpoint(
             raise AksisError(
                 f"{path} holds Python objects besides weights; Aksis refuses to load it because unpickling objects can run arbitrary code"
             ) from None
-        raise AksisError(f"{path} is not a readable checkpoint: {_one_line(e)}") from None
+        # torch's message would advise weights_only=False, which cannot help a file torch did not write
+        raise AksisError(
+            f"{path} is not a readable checkpoint: not a file written by torch.save (another kind of file, or corrupt)"
+        ) from None
     except Exception as e:
         raise AksisError(
             f"{path} is not a readable checkpoint (truncated or corrupt?): {_one_line(e) or type(e).__name__}"

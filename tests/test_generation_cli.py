@@ -263,6 +263,7 @@ def test_bad_context_file_is_an_error_and_left_untouched(workdir, contents, mess
 BAD_INPUT = [
     (["--checkpoint-path", "missing.pt"], "not found"),
     (["--checkpoint-path", "corrupt.pt"], "not a readable checkpoint"),
+    (["--checkpoint-path", "checkpoints"], "is a directory: give the path of a checkpoint file ("),
     (["--prompt", ""], "prompt is empty"),
     (["--max-new-tokens", "0"], "--max-new-tokens: must be a positive integer"),
     (["--max-new-tokens", "-3"], "--max-new-tokens: must be a positive integer"),
