@@ -213,9 +213,7 @@ class TrainConfig:
     muon_lr: float = 0.006  # Muon's peak learning rate (with `optimizer="muon"`)
     grad_clip: float = 1.0  # Largest gradient norm
     token_noise: float = 0.0  # Fraction of input tokens replaced by random ones (a regularizer)
-    precision: str = (
-        "auto"  # `auto` (16 bits where the hardware runs them fast), `fp32`, `bf16` or `fp16`
-    )
+    precision: str = "auto"  # `auto` (16 bits where the hardware is fast at them), fp32, bf16, fp16
     compile: bool = False  # Compile the model with `torch.compile`
     eval_every: int = 250  # Evaluate and save `latest.pt` every this many steps
     log_every: int = 10  # Without a terminal, print a progress line every this many steps
