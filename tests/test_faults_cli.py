@@ -64,10 +64,20 @@ def test_generate_into_head(files):
     assert result.stdout == "O"
 
 
+def sigint_as_in_a_terminal() -> None:
+    "In the child, before it runs: SIGINT's default action. A runner started in the background ignores SIGINT, and a child would inherit that"
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_while_importing_torch(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     "Run `argv`, and press Ctrl-C (send SIGINT) as soon as it is loading PyTorch's library"
     process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        preexec_fn=sigint_as_in_a_terminal,
     )
     maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 60
     while process.poll() is None and time.monotonic() < deadline:
