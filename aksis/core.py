@@ -143,13 +143,15 @@ def seed_everything(
 
 # %% ../nbs/00_core.ipynb #acae54e37e7d407bbb7b55eff062a284
 def hub_reachable(
-    endpoint: str = "https://huggingface.co",  # The Hub's address (`huggingface_hub.constants.ENDPOINT`)
+    endpoint: str | None = None,  # The Hub's address (default: the one `HF_ENDPOINT` sets)
     timeout: float = 3.0,  # Seconds to wait for the connection
 ) -> bool:
     "Whether a TCP connection to the Hugging Face Hub opens within `timeout` seconds (a proxy is trusted)"
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
-    url = urlparse(endpoint)
+    from huggingface_hub import constants
+
+    url = urlparse(endpoint or constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError:

@@ -91,7 +91,7 @@ def load_dataset_conversations(
     path = Path(name)
     local, offline = path.is_file(), hub_offline()
     # online, an unreachable Hub fails at once rather than after the library's retries
-    if not local and not offline and not hub_reachable(constants.ENDPOINT):
+    if not local and not offline and not hub_reachable():
         raise AksisError(
             f"cannot load dataset {name!r}: {constants.ENDPOINT} is unreachable; connect to the internet or give a local .jsonl file"
         )

@@ -293,7 +293,7 @@ def _hub_error(name: str) -> AksisError | None:
     "A one-line error if the Hugging Face Hub cannot be used now (`HF_HUB_OFFLINE`, or no answer), else None"
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or not hub_reachable(constants.ENDPOINT):
+    if constants.HF_HUB_OFFLINE or not hub_reachable():
         reason = (
             "HF_HUB_OFFLINE is set"
             if constants.HF_HUB_OFFLINE
