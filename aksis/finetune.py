@@ -7,8 +7,8 @@ Docs: https://aksis-ai.github.io/aksis/finetune.html.md"""
 # %% auto #0
 __all__ = ['IDENTITY', 'FINE_TUNE_DEFAULTS', 'parse_conversation', 'read_jsonl', 'load_dataset_conversations',
            'identity_conversations', 'is_chat_data', 'load_conversations', 'render_conversation', 'fit_conversation',
-           'collate', 'ChatData', 'load_start', 'fine_tune', 'resume_fine_tune', 'reply_ids', 'well_formed',
-           'held_out_prompts', 'well_formed_rate']
+           'conversation_windows', 'collate', 'ChatData', 'load_start', 'fine_tune', 'resume_fine_tune', 'reply_ids',
+           'well_formed', 'held_out_prompts', 'well_formed_rate', 'record_well_formed']
 
 # %% ../nbs/08_finetune.ipynb #b0b3b162
 import json
@@ -23,11 +23,11 @@ from fastcore.basics import patch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from .chat import Message, build_prompt, context_budget, render_message, special_id
+from .chat import Chat, Message, build_prompt, context_budget, render_message, special_id
 from .core import AksisError, Precision, hub_offline, hub_reachable
-from .data import json_lines, shakespeare_chat
+from .data import chitchat_conversations, json_lines, shakespeare_chat
 from .generation import GenerationConfig, generate_ids
-from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2
+from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2, save_checkpoint
 from .tokenizer import END_TURN, PAD, SPECIAL_TOKENS, special_ids
 from aksis.training import (
     Trainer,
@@ -174,7 +174,7 @@ def is_chat_data(
 ) -> bool:
     "Whether `dataset` holds conversations (chat fine-tuning) rather than text (domain fine-tuning)"
     path = Path(dataset)
-    if dataset == "shakespeare-chat" or _is_chat_jsonl(path):
+    if dataset in ("shakespeare-chat", "chitchat") or _is_chat_jsonl(path):
         return True
     if path.is_file() and path.suffix in (".parquet", ".csv"):
         return True
@@ -194,7 +194,7 @@ def _holdout(conversations: list[list[Message]]) -> dict[str, list[list[Message]
 
 
 def load_conversations(
-    dataset: str,  # `shakespeare-chat`, a .jsonl file, or a `datasets` dataset with a `messages` column
+    dataset: str,  # `shakespeare-chat`, `chitchat`, a .jsonl file, or a `datasets` dataset with a `messages` column
     persona: str
     | None = None,  # For `shakespeare-chat`: the character the assistant plays (default: all)
 ) -> dict[str, list[list[Message]]]:
@@ -211,6 +211,15 @@ def load_conversations(
         return splits
     if persona is not None:
         raise AksisError("--persona applies only to --dataset shakespeare-chat")
+    if dataset == "chitchat":  # training: both speakers as the assistant; validation: the second
+        return {
+            split: [
+                parse_conversation(c, f"chitchat ({c['id']})")
+                for assistant in ((2, 1) if split == "train" else (2,))
+                for c in chitchat_conversations(split, assistant)
+            ]
+            for split in ("train", "validation")
+        }
     if _is_chat_jsonl(Path(dataset)):
         return _holdout(read_jsonl(dataset))
     splits = load_dataset_conversations(dataset)
@@ -238,6 +247,21 @@ def render_conversation(
     return ids, mask
 
 # %% ../nbs/08_finetune.ipynb #437680fc
+def _first_kept(
+    turns: Sequence[Message],  # A conversation's turns, without the system prompt
+    lengths: Sequence[int],  # The ids each renders to
+    room: int,  # The most ids the kept turns may render to
+) -> int:
+    "The first turn kept when the oldest go until the rest fit `room`, and then any assistant turn left first"
+    start, size = len(turns), 0
+    while start > 0 and size + lengths[start - 1] <= room:
+        start -= 1
+        size += lengths[start]
+    while 0 < start < len(turns) and turns[start].role == "assistant":
+        start += 1
+    return start
+
+
 def fit_conversation(
     tokenizer: Tokenizer,  # The model's tokenizer
     messages: Sequence[Message],  # The conversation
@@ -250,12 +274,39 @@ def fit_conversation(
         turns.pop()
     lengths = [len(render_message(tokenizer, m)) for m in turns]
     room = max_tokens - len(render_conversation(tokenizer, system)[0])
-    dropped = False
-    while turns and (sum(lengths) > room or (dropped and turns[0].role == "assistant")):
-        turns.pop(0)
-        lengths.pop(0)
-        dropped = True
-    return system + turns if any(m.role == "assistant" for m in turns) else None
+    kept = turns[_first_kept(turns, lengths, room) :]
+    return system + kept if any(m.role == "assistant" for m in kept) else None
+
+# %% ../nbs/08_finetune.ipynb #349660b3
+def conversation_windows(
+    tokenizer: Tokenizer,  # The model's tokenizer, with the chat tokens
+    messages: Sequence[Message],  # The conversation
+    max_tokens: int,  # The most ids a window may render to (the model's window + 1, for the shift)
+) -> list[tuple[list[int], list[bool]]]:
+    "`(ids, mask)` of every window of `messages`: each assistant turn graded in one, after as much of the conversation before it as fits"
+    system = render_conversation(tokenizer, [m for m in messages if m.role == "system"])
+    turns = [m for m in messages if m.role != "system"]
+    rendered = [render_conversation(tokenizer, [m]) for m in turns]
+    lengths = [len(ids) for ids, _ in rendered]
+    room = max_tokens - len(system[0])
+    ends = [k + 1 for k, m in enumerate(turns)
+            if m.role == "assistant" and (k + 1 == len(turns) or turns[k + 1].role != "assistant")]  # fmt: skip
+    runs: list[tuple[int, int]] = []  # (first, end): the turns that a window grades
+    for start, end in zip([0, *ends], ends, strict=False):  # one exchange: turns[start:end]
+        if sum(lengths[start:end]) > room:
+            continue  # too long for any window
+        if runs and runs[-1][1] == start and sum(lengths[runs[-1][0] : end]) <= room:
+            runs[-1] = (runs[-1][0], end)  # it joins the window before it
+        else:
+            runs.append((start, end))
+    windows = []
+    for first, end in runs:
+        ids, mask = list(system[0]), list(system[1])
+        for k in range(_first_kept(turns[:end], lengths[:end], room), end):
+            ids += rendered[k][0]
+            mask += rendered[k][1] if k >= first else [False] * lengths[k]  # context: not graded
+        windows.append((ids, mask))
+    return windows
 
 # %% ../nbs/08_finetune.ipynb #f575b641
 def collate(
@@ -276,7 +327,7 @@ def collate(
 
 # %% ../nbs/08_finetune.ipynb #f57a6f3e
 class ChatData:
-    "Conversations rendered for a `Trainer`: padded batches in a seeded order, and the loss on the assistant's tokens"
+    "Conversations cut into windows for a `Trainer`: padded batches in a seeded order, and the loss on the assistant's tokens"
 
     def __init__(
         self,
@@ -285,28 +336,28 @@ class ChatData:
         max_seq_len: int,  # The model's window
     ):
         self.tokenizer, self.pad_id = tokenizer, special_id(tokenizer, PAD)
+        end = special_id(tokenizer, END_TURN)
         self.examples: dict[str, list[tuple[list[int], list[bool]]]] = {}
         self.summary: dict[str, dict[str, int]] = {}
         for split in ("train", "validation"):
-            examples, turns = [], 0
+            examples, used = [], 0
             for c in conversations[split]:
-                ids, mask = render_conversation(tokenizer, c)
-                if len(ids) > max_seq_len + 1 or c[-1].role != "assistant":  # the few to cut
-                    if (fitted := fit_conversation(tokenizer, c, max_seq_len + 1)) is None:
-                        continue
-                    c, (ids, mask) = fitted, render_conversation(tokenizer, fitted)
-                examples.append((ids, mask))
-                turns += len(c)
+                windows = conversation_windows(tokenizer, c, max_seq_len + 1)
+                examples += windows
+                used += bool(windows)
             if not examples:
                 raise AksisError(
                     f"no {split} conversation fits the model's {max_seq_len}-token window"
                 )
+            answers = sum(m.role == "assistant" for c in conversations[split] for m in c)
+            graded = sum(int((np.array(ids)[mask] == end).sum()) for ids, mask in examples)
             self.examples[split] = examples
             self.summary[split] = {
-                "conversations": len(examples),
-                "turns": turns,
+                "conversations": used,
+                "windows": len(examples),
+                "assistant turns": graded,
                 "supervised tokens": sum(sum(mask) for _, mask in examples),
-                "skipped (too long)": len(conversations[split]) - len(examples),
+                "assistant turns skipped (too long)": answers - graded,
             }
         self.train, self.validation = self.examples["train"], self.examples["validation"]
 
@@ -320,23 +371,23 @@ class ChatData:
 
     def steps_per_epoch(
         self,
-        per_step: int,  # Conversations per optimizer step, in all processes and micro-batches
+        per_step: int,  # Windows per optimizer step, in all processes and micro-batches
     ) -> int:
-        "Optimizer steps in one pass over the training conversations"
+        "Optimizer steps in one pass over the training windows"
         if len(self.train) < per_step:
             raise AksisError(
-                f"there are {len(self.train)} training conversations, but one step takes {per_step}: lower --batch-size or --grad-accum-steps"
+                f"there are {len(self.train)} training windows, but one step takes {per_step}: lower --batch-size or --grad-accum-steps"
             )
         return len(self.train) // per_step
 
     def batches(
         self,
-        batch_size: int,  # Conversations per global batch
+        batch_size: int,  # Windows per global batch
         seed: int,  # Seeds the order
         epoch: int,  # Each epoch has its own order
         skip_batches: int = 0,  # Batches of this epoch already used
     ) -> Iterator[tuple[Tensor, Tensor]]:
-        "This epoch's batches of `(inputs, targets)`, in a seeded random order of the conversations"
+        "This epoch's batches of `(inputs, targets)`, in a seeded random order of the windows"
         order = np.random.default_rng([seed, epoch]).permutation(len(self.train))
         for start in range(skip_batches * batch_size, len(order) - batch_size + 1, batch_size):
             yield collate([self.train[i] for i in order[start : start + batch_size]], self.pad_id)
@@ -347,7 +398,7 @@ class ChatData:
 def evaluate(
     self: ChatData,
     model: nn.Module,  # The model (a DDP or compiled wrapper is unwrapped)
-    batch_size: int = 32,  # Conversations per forward pass
+    batch_size: int = 32,  # Windows per forward pass
     precision: Precision | None = None,  # Autocast settings (default: fp32)
 ) -> dict[str, float]:
     "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
@@ -499,3 +550,21 @@ def well_formed_rate(
     return sum(
         well_formed(tokenizer, reply_ids(model, tokenizer, p, config)) for p in prompts
     ) / len(prompts)
+
+# %% ../nbs/08_finetune.ipynb #988e0316
+def record_well_formed(
+    path: str | Path,  # A chat fine-tune's checkpoint, such as `finetuned/best.pt`
+    n: int = 100,  # Held-out prompts to answer
+) -> dict[str, Any]:
+    "Measure the share of well-formed replies to `n` held-out prompts with the chat's defaults (seed 0), record it in the checkpoint's `info`, and return that `info`"
+    checkpoint = load_checkpoint(path)
+    tuned = checkpoint.info["fine_tuned"]
+    validation = load_conversations(tuned["dataset"], tuned.get("persona"))["validation"]
+    prompts = held_out_prompts(validation, n)
+    model, tokenizer = checkpoint.model.eval(), checkpoint.tokenizer
+    sampling = Chat(model, tokenizer, GenerationConfig(seed=0)).config  # capped as the chat caps it
+    rate = well_formed_rate(model, tokenizer, prompts, sampling)
+    evaluation = {"well_formed": rate, "prompts": len(prompts), "seed": 0}
+    info = {**checkpoint.info, "fine_tuned": {**tuned, "evaluation": evaluation}}
+    save_checkpoint(path, model, tokenizer, checkpoint.train_state, info)
+    return info

@@ -6,8 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/training.html.md"""
 
 # %% auto #0
 __all__ = ['RECIPES', 'simple_train', 'lr_factor', 'param_groups', 'make_optimizer', 'validation_metrics', 'evaluate',
-           'TrainConfig', 'train_config', 'add_token_noise', 'ordinary_ids', 'BatchSource', 'Trainer', 'loss_curve',
-           'orthogonalize', 'MuonAdamW']
+           'TrainConfig', 'train_config', 'add_token_noise', 'ordinary_ids', 'param_count', 'training_memory',
+           'memory_limit', 'check_memory', 'BatchSource', 'Trainer', 'loss_curve', 'orthogonalize', 'MuonAdamW']
 
 # %% ../nbs/05_training.ipynb #fc5160c8
 import math
@@ -197,7 +197,7 @@ def evaluate(
 class TrainConfig:
     "Everything about a training run except the model's shape"
 
-    dataset: str = "shakespeare"  # `shakespeare`, `wikitext2`, or a text file, directory or glob
+    dataset: str = "shakespeare"  # `shakespeare`, `wikitext2`, `chitchat`, or a file, folder, glob
     data_dir: str | None = None  # For wikitext2: a directory with local wiki.*.raw files
     vocab_size: int = DEFAULT_VOCAB_SIZE  # BPE vocabulary trained on the dataset's training split
     epochs: int = 1  # Passes over the training windows (unless `max_steps` is set)
@@ -388,6 +388,68 @@ def _optimizer_and_schedule(
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+# %% ../nbs/05_training.ipynb #475ce279
+def param_count(
+    config: ModelConfig,  # A model's shape
+) -> int:
+    "Parameters of a `GPT` of this shape, the tied embedding counted once, without building it"
+    d, d_ff = config.d_model, config.d_ff
+    attention = (d * 3 * d + 3 * d) + (d * d + d)  # c_attn and c_proj, with biases
+    mlp = (d * d_ff + d_ff) + (d_ff * d + d)
+    block = attention + mlp + 2 * 2 * d  # two LayerNorms, weight and bias
+    return config.vocab_size * d + config.max_seq_len * d + config.n_layer * block + 2 * d
+
+
+def training_memory(
+    config: ModelConfig,  # The model's shape
+    batch_size: int,  # Windows per micro-batch
+    precision: Precision,  # The autocast settings: 16-bit activations are half the size
+) -> tuple[int, int]:
+    "Lower bounds, in bytes, of what training holds: (weights and gradients, one micro-batch's activations)"
+    activation_bytes = 2 if precision.dtype else 4
+    per_token = config.n_layer * (2 * config.d_model + config.d_ff) + config.vocab_size
+    return 2 * 4 * param_count(
+        config
+    ), batch_size * config.max_seq_len * per_token * activation_bytes
+
+
+def memory_limit(
+    device: torch.device,  # Where the model will train
+) -> int | None:
+    "The bytes `device` can hold: a GPU's memory, or the RAM lowered by an address-space limit; None where unknown"
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory()
+    try:
+        import resource
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (ImportError, ValueError, OSError):  # Windows has neither
+        return None
+    return ram if limit == resource.RLIM_INFINITY else min(ram, limit)
+
+# %% ../nbs/05_training.ipynb #a39edfa7
+def check_memory(
+    config: ModelConfig,  # The model's shape
+    batch_size: int,  # Windows per micro-batch
+    precision: Precision,  # The autocast settings
+    limit: int | None,  # What the device holds, in bytes (from `memory_limit`; None: unknown)
+) -> None:
+    "Refuse, before anything is allocated, a run whose weights or activations cannot fit in `limit` bytes"
+    weights, activations = training_memory(config, batch_size, precision)
+    if limit is None or weights + activations <= limit:
+        return
+    gib = lambda n: f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+    if weights > limit:
+        raise AksisError(
+            f"a model of this shape needs at least {gib(weights)} for its weights and gradients, more than the {gib(limit)} the device has: lower --max-seq-len, --d-model, --d-ff, --n-layer or --vocab-size"
+        )
+    raise AksisError(
+        f"one batch of {batch_size} windows of {config.max_seq_len} tokens needs at least {gib(activations)} of activations besides {gib(weights)} of weights, more than the {gib(limit)} the device has: lower --batch-size (raise --grad-accum-steps to keep the step's size) or --max-seq-len"
+    )
+
 # %% ../nbs/05_training.ipynb #b5a7c0df
 class BatchSource(Protocol):
     "What a `Trainer` needs of data that is not a token stream: batches, their count, and validation"
@@ -455,6 +517,12 @@ class Trainer:
         else:
             self.tokenizer = data.tokenizer
         shape = replace(model_config or ModelConfig(), vocab_size=self.tokenizer.get_vocab_size())
+        check_memory(
+            checkpoint.config if checkpoint else shape,
+            config.batch_size,
+            self.precision,
+            memory_limit(self.device),
+        )
         torch.manual_seed(config.seed)  # the initial weights, then dropout
         self.model = (checkpoint.model if checkpoint else GPT(shape)).to(self.device).train()
         self.ordinary_ids = ordinary_ids(self.tokenizer).to(self.device)  # for token noise

@@ -270,8 +270,9 @@ def test_load_data_bad_input(cache: Path, tmp_path: Path, sonnet: Path):
     cases = [
         (
             ["--dataset", "tinystories"],
-            ["unknown dataset 'tinystories'", "shakespeare or wikitext2"],
+            ["unknown dataset 'tinystories'", "shakespeare, wikitext2 or chitchat"],
         ),
+        (["--dataset", ""], ["the dataset is empty: use shakespeare"]),
         (["--dataset", str(tmp_path / "missing.txt")], ["missing.txt not found"]),
         (["--dataset", str(empty)], ["empty.txt is empty"]),
         (["--dataset", str(pictures)], ["has no text files"]),

@@ -1,6 +1,8 @@
 "Faults every `aksis` command must survive without a traceback: a reader that goes away, an early Ctrl-C, numbers the parser lets through."
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -39,8 +41,8 @@ def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def assert_quiet_stop(result: subprocess.CompletedProcess) -> None:
-    "The reader went away: `aksis` stopped with status 1 and printed nothing on stderr"
-    assert (result.returncode, result.stderr) == (1, ""), result.stderr
+    "The reader went away: `aksis` stopped as a Unix tool that SIGPIPE ends (status 141), printing nothing on stderr"
+    assert (result.returncode, result.stderr) == (141, ""), result.stderr
 
 
 def test_tokenize_into_head(files):
@@ -62,6 +64,12 @@ def test_generate_into_head(files):
     )
     assert_quiet_stop(result)
     assert result.stdout == "O"
+
+
+def test_short_output_into_a_closed_pipe(files):
+    "`aksis tokenize ... | true`: a few lines, to a reader gone before PyTorch has loaded; the closed pipe shows up at the last flush"
+    result = shell("aksis tokenize --tokenizer-path tokenizer.json --text Hello | true", files)
+    assert_quiet_stop(result)
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -157,3 +165,118 @@ def test_training_seed_out_of_range(tmp_path, seed):
     )
     assert_one_line_error(result, "train-model")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def write_history(path: Path, characters: int) -> bytes:
+    "Write a chat history file of one long exchange to `path`; return its bytes"
+    message = "Once upon a time " * (characters // 34)
+    messages = [{"role": "user", "content": message}, {"role": "assistant", "content": message}]
+    path.write_text(json.dumps({"format": "aksis-chat", "version": 1, "messages": messages}))
+    return path.read_bytes()
+
+
+def test_chat_history_on_a_full_disk(files, tmp_path):
+    "The context file cannot grow (`ulimit -f`, as on a full disk): each turn says so on one line, the chat goes on, the old history is intact"
+    history = tmp_path / "history.json"
+    before = write_history(history, 6000)  # over the 4 KiB limit: any rewrite fails
+    result = shell(
+        f"ulimit -f 4; printf 'Once upon\\na time\\n' | aksis chat-with-model --checkpoint-path tiny.pt "
+        f"--device cpu --sampler greedy --max-new-tokens 5 --context-file {history}",
+        files,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout.count("aksis> ") == 2, result.stdout  # both messages answered
+    failed = f"(error: could not write {history}: File too large: this turn is not saved"
+    assert result.stdout.count(failed) == 2, result.stdout
+    assert history.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json"]  # no lock, no temp file
+
+
+def on_a_full_disk(command: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[str]]:
+    "Run `command` in `tmp_path/full`, a one-page tmpfs that history.json fills (needs root: skip otherwise); return the result and the folder's files after it; the history must be intact"
+    before = write_history(tmp_path / "history.json", 100)
+    full = tmp_path / "full"
+    full.mkdir()
+    setup = f"mount -t tmpfs -o size=4k tmpfs {full} && cp {tmp_path}/history.json {full}"
+    if subprocess.run(["unshare", "--mount", "bash", "-c", setup], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root and util-linux's unshare")
+    after = f"s=$?; cp {full}/history.json {tmp_path}/after.json; ls -A {full} > {tmp_path}/after.txt; exit $s"
+    result = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", f"{setup} && cd {full} && {command}; {after}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (tmp_path / "after.json").read_bytes() == before  # the history is intact
+    return result, (tmp_path / "after.txt").read_text().split()
+
+
+def test_chat_lock_on_a_full_disk(files, tmp_path):
+    "No room even for the lock's process id (ENOSPC on a full tmpfs): one line, status 2, no empty lock left behind"
+    result, left = on_a_full_disk(
+        f"aksis chat-with-model --checkpoint-path {files}/tiny.pt --device cpu --context-file history.json < /dev/null",
+        tmp_path,
+    )
+    assert_one_line_error(result, "chat-with-model")
+    assert "cannot create history.json.lock: No space left on device" in result.stderr
+    assert left == ["history.json"]
+
+
+def train_under_a_memory_limit(
+    tmp_path: Path, kib: int, *flags: str
+) -> subprocess.CompletedProcess:
+    "Run `aksis train-model` on a tiny model with `flags` under `ulimit -v kib` (two threads, so the limit means the same on any machine)"
+    env = {**os.environ, "AKSIS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(
+        ["bash", "-c", f"ulimit -v {kib}; exec aksis train-model --preset tiny --max-steps 1 " + " ".join(flags)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+
+
+def test_a_shape_that_cannot_fit(tmp_path):
+    "`--max-seq-len 1000000000` under a 16 GB limit: refused before allocating, naming the flags that shrink the model"
+    (tmp_path / "verse.txt").write_text("Shall I compare thee to a summer's day?\n" * 200)
+    result = train_under_a_memory_limit(
+        tmp_path, 16_000_000, "--dataset verse.txt", "--max-seq-len 1000000000"
+    )
+    assert_one_line_error(result, "train-model")
+    assert (
+        "for its weights and gradients" in result.stderr and "lower --max-seq-len" in result.stderr
+    )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_out_of_memory_while_training(tmp_path):
+    "A batch that passes the estimate but not the allocator (4 GB limit, about 4.6 GB needed in fp32): one line naming what to lower"
+    rng = random.Random(0)
+    numbers = "\n".join(
+        " ".join(str(rng.randrange(10**6)) for _ in range(12)) for _ in range(20_000)
+    )
+    (tmp_path / "numbers.txt").write_text(numbers)  # 1.6 MB: enough tokens for 2,000 windows
+    result = train_under_a_memory_limit(
+        tmp_path, 4_000_000, "--dataset numbers.txt", "--batch-size 2000", "--precision fp32"
+    )
+    assert_one_line_error(result, "train-model")
+    assert "out of memory: lower --batch-size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train-model", "--preset", "tiny"],
+        ["fine-tune", "--init-from", "tiny.pt"],
+        ["load-data"],
+    ],
+)
+def test_an_empty_dataset_name(files, tmp_path, command):
+    "`--dataset ''` is refused: it is not the current directory, whose stray notes.md would be trained on"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.md").write_text("A note to self, not a corpus.\n" * 400)
+    (work / "tiny.pt").symlink_to(files / "tiny.pt")
+    env = {**os.environ, "AKSIS_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        ["aksis", *command, "--dataset", ""],
+        capture_output=True, text=True, timeout=120, cwd=work, env=env,
+    )  # fmt: skip
+    assert_one_line_error(result, command[0])
+    assert "the dataset is empty" in result.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["notes.md", "tiny.pt"]  # no run was started
