@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from aksis.core import model_config
-from aksis.model import GPT, save_checkpoint
+from aksis.model import GPT, load_checkpoint, save_checkpoint
 from aksis.tokenizer import save_tokenizer, train_tokenizer
 
 
@@ -280,3 +280,26 @@ def test_an_empty_dataset_name(files, tmp_path, command):
     assert_one_line_error(result, command[0])
     assert "the dataset is empty" in result.stderr
     assert sorted(p.name for p in work.iterdir()) == ["notes.md", "tiny.pt"]  # no run was started
+
+
+@pytest.mark.parametrize(
+    "info, notice",
+    [
+        ({}, "never fine-tuned for chat"),
+        ({"fine_tuned": {"task": "chat", "evaluation": {"well_formed": 0.4}}}, "only 40%"),
+        ({"fine_tuned": {"task": "chat", "evaluation": {"well_formed": 0.97}}}, None),
+    ],
+)
+def test_chat_warns_about_a_model_that_does_not_answer(files, tmp_path, info, notice):
+    "chat-with-model says when a checkpoint was never fine-tuned for chat, or when its recorded well-formed rate is under the target"
+    checkpoint = load_checkpoint(files / "tiny.pt")
+    save_checkpoint(tmp_path / "chat.pt", checkpoint.model, checkpoint.tokenizer, info=info)
+    result = subprocess.run(
+        ["aksis", "chat-with-model", "--checkpoint-path", "chat.pt", "--device", "cpu"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "fine-tun" in line]
+    assert warnings == [] if notice is None else len(warnings) == 1 and notice in warnings[0], (
+        warnings
+    )
