@@ -436,10 +436,8 @@ def chat_repl(
                 print(f"(unknown command {command}: {_HELP})")
             elif line:
                 _print_reply(chat, line)
-        except (
-            AksisError
-        ) as e:  # a bad file name, a message too long, a full disk: the chat goes on
-            print(f"(error: {e})")
+        except AksisError as e:
+            print(f"(error: {e})")  # a bad file name, a message too long, a full disk: go on
 
 
 def _print_reply(chat: "Chat", line: str) -> None:

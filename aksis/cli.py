@@ -559,11 +559,9 @@ def run_training(
         trainer.fit()
         return trainer
     except (RuntimeError, MemoryError) as e:  # the CPU's allocator raises a RuntimeError
-        if not isinstance(
-            e, torch.OutOfMemoryError | MemoryError
-        ) and "can't allocate memory" not in str(e):
-            raise
-        raise AksisError(f"out of memory: lower {smaller}") from None
+        if isinstance(e, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in str(e):
+            raise AksisError(f"out of memory: lower {smaller}") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

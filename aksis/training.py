@@ -408,9 +408,8 @@ def training_memory(
     "Lower bounds, in bytes, of what training holds: (weights and gradients, one micro-batch's activations)"
     activation_bytes = 2 if precision.dtype else 4
     per_token = config.n_layer * (2 * config.d_model + config.d_ff) + config.vocab_size
-    return 2 * 4 * param_count(
-        config
-    ), batch_size * config.max_seq_len * per_token * activation_bytes
+    weights = 2 * 4 * param_count(config)  # fp32 weights and their gradients
+    return weights, batch_size * config.max_seq_len * per_token * activation_bytes
 
 
 def memory_limit(
