@@ -6,7 +6,7 @@ Docs: https://aksis-ai.github.io/aksis/finetune.html.md"""
 
 # %% auto #0
 __all__ = ['IDENTITY', 'FINE_TUNE_DEFAULTS', 'parse_conversation', 'read_jsonl', 'load_dataset_conversations',
-           'identity_conversations', 'is_chat_data', 'load_conversations', 'render_conversation', 'fit_conversation',
+           'identity_conversations', 'is_chat_data', 'load_conversations', 'render_conversation',
            'conversation_windows', 'collate', 'ChatData', 'load_start', 'fine_tune', 'resume_fine_tune', 'reply_ids',
            'well_formed', 'held_out_prompts', 'well_formed_rate', 'record_well_formed']
 
@@ -260,22 +260,6 @@ def _first_kept(
     while 0 < start < len(turns) and turns[start].role == "assistant":
         start += 1
     return start
-
-
-def fit_conversation(
-    tokenizer: Tokenizer,  # The model's tokenizer
-    messages: Sequence[Message],  # The conversation
-    max_tokens: int,  # The most ids it may render to (the model's window + 1, for the shift)
-) -> list[Message] | None:
-    "`messages` with the oldest turns dropped until it fits `max_tokens`; None if no assistant turn fits"
-    system = [m for m in messages if m.role == "system"]
-    turns = [m for m in messages if m.role != "system"]
-    while turns and turns[-1].role != "assistant":
-        turns.pop()
-    lengths = [len(render_message(tokenizer, m)) for m in turns]
-    room = max_tokens - len(render_conversation(tokenizer, system)[0])
-    kept = turns[_first_kept(turns, lengths, room) :]
-    return system + kept if any(m.role == "assistant" for m in kept) else None
 
 # %% ../nbs/08_finetune.ipynb #349660b3
 def conversation_windows(
