@@ -8,8 +8,8 @@ Docs: https://aksis-ai.github.io/aksis/cli.html.md"""
 __all__ = ['Argument', 'Arguments', 'COMMANDS', 'arg', 'Command', 'command', 'positive_int', 'positive_float', 'probability',
            'config_flags', 'build_parser', 'main', 'info', 'tokenize', 'load_data', 'generation_flags',
            'precision_aliases', 'inference_flags', 'generate_text', 'chat_with_model', 'resume_flag', 'training_flags',
-           'train_flags', 'run_training', 'train_model', 'fine_tune_flags', 'fine_tune_model', 'benchmark_flags',
-           'measure_inference']
+           'train_flags', 'run_training', 'train_model', 'fine_tune_flags', 'fine_tune_model', 'eval_chat',
+           'benchmark_flags', 'measure_inference']
 
 # %% ../nbs/11_cli.ipynb #29a49d91
 import argparse
@@ -630,7 +630,13 @@ def fine_tune_model(**flags: Any) -> None:
     "Fine-tune a model, or continue a fine-tuning run, with the flags given overriding the defaults or the run's settings"
     from aksis.chat import chat_notice
     from aksis.core import AksisError
-    from aksis.finetune import FINE_TUNE_DEFAULTS, fine_tune, record_well_formed, resume_fine_tune
+    from aksis.finetune import (
+        FINE_TUNE_DEFAULTS,
+        chat_report,
+        fine_tune,
+        record_chat_evaluation,
+        resume_fine_tune,
+    )
 
     resume = flags.pop("resume", None)
     if resume is True:
@@ -653,13 +659,46 @@ def fine_tune_model(**flags: Any) -> None:
     )
     if trainer.data is not None and trainer.rank == 0:  # a chat: measure what the chat will get
         best = Path(trainer.config.checkpoint_dir) / "best.pt"
-        info = record_well_formed(best)
+        info = record_chat_evaluation(best)
         evaluation = info["fine_tuned"]["evaluation"]
         print(
-            f"{evaluation['well_formed']:.0%} of the replies of {best} to {evaluation['prompts']} held-out prompts are well-formed (recorded in it)"
+            f"chat evaluation of {best}, {evaluation['prompts']} held-out prompts (recorded in it):"
         )
+        print(chat_report(evaluation))
         if notice := chat_notice(info, best):
             print(notice)
+
+# %% ../nbs/11_cli.ipynb #8164bdf9
+@command(
+    "eval-chat",
+    "Measure how well a checkpoint chats on held-out conversations: loss, context gain, duplicate replies, distinct-2, well-formed replies, identity, recall",
+    lambda: [
+        arg("--checkpoint-path", required=True, help="A checkpoint, e.g. finetuned/best.pt"),
+        arg("--dataset", help="Held-out conversations: chitchat, shakespeare-chat, a .jsonl file or a datasets dataset (default: the checkpoint's fine-tuning data, else chitchat)"),
+        arg("--prompts", type=positive_int, default=100, help="Held-out prompts to answer, and conversations to score"),
+        arg("--seed", type=int, default=0, help="Seed of the sampler"),
+        *inference_flags(),
+    ],
+)  # fmt: skip
+def eval_chat(
+    checkpoint_path: str, dataset: str | None, prompts: int, seed: int, device: str, precision: str
+) -> None:
+    "Print the chat evaluation of a checkpoint on held-out conversations"
+    from aksis.finetune import chat_report, evaluate_chat, load_conversations
+    from aksis.generation import GenerationConfig, load_for_inference
+
+    GenerationConfig(seed=seed)  # checks the seed before the slow parts
+    checkpoint = load_for_inference(checkpoint_path, device, precision)
+    tuned = checkpoint.info.get("fine_tuned", {})
+    if dataset is None:
+        dataset = tuned["dataset"] if tuned.get("task") == "chat" else "chitchat"
+    persona = tuned.get("persona") if dataset == tuned.get("dataset") else None
+    validation = load_conversations(dataset, persona)["validation"]
+    evaluation = evaluate_chat(checkpoint.model, checkpoint.tokenizer, validation, prompts, seed)
+    print(
+        f"{checkpoint_path} on {evaluation['prompts']} held-out prompts of {dataset}, seed {seed}:"
+    )
+    print(chat_report(evaluation))
 
 # %% ../nbs/11_cli.ipynb #97c4c84f
 def benchmark_flags() -> list[Argument]:

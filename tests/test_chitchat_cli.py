@@ -5,6 +5,7 @@ import subprocess
 
 import pytest
 
+from aksis.finetune import CHAT_MEASURES
 from aksis.model import load_checkpoint
 from aksis.tokenizer import SPECIAL_TOKENS, save_tokenizer
 
@@ -60,7 +61,7 @@ def test_load_data_shows_the_splits_and_the_chat_tokens(pretrained, tmp_path, en
 
 
 def test_fine_tune_on_the_conversations(pretrained, tmp_path, env):
-    "`fine-tune --dataset chitchat` is chat fine-tuning, and the checkpoint says so, with the well-formed rate measured at the end"
+    "`fine-tune --dataset chitchat` is chat fine-tuning, and the checkpoint says so, with its chat evaluation at the end"
     result = aksis("fine-tune", "--init-from", str(pretrained), "--dataset", "chitchat",
                    "--device", "cpu", "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1",
                    "--eval-every", "2", "--precision", "fp32", "--checkpoint-dir", str(tmp_path),
@@ -71,4 +72,19 @@ def test_fine_tune_on_the_conversations(pretrained, tmp_path, env):
     evaluation = info.pop("evaluation")
     assert info == {"task": "chat", "init_from": str(pretrained), "dataset": "chitchat"}
     assert evaluation["prompts"] == 100 and 0 <= evaluation["well_formed"] <= 1, evaluation
-    assert "to 100 held-out prompts are well-formed (recorded in it)" in result.stdout
+    assert f"chat evaluation of {tmp_path / 'best.pt'}, 100 held-out prompts" in result.stdout
+    for line in ["context gain", "duplicate replies", "distinct-2", "identity, modern phrasing"]:
+        assert line in result.stdout, result.stdout
+
+
+def test_eval_chat(pretrained, tmp_path, env):
+    "`eval-chat` on a checkpoint never fine-tuned evaluates on chitchat's held-out conversations, and writes nothing"
+    before = pretrained.read_bytes()
+    result = aksis("eval-chat", "--checkpoint-path", str(pretrained), "--prompts", "4",
+                   "--device", "cpu", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{pretrained} on 4 held-out prompts of chitchat, seed 0:")
+    report = result.stdout.splitlines()[1:]
+    assert [line[:27].strip() for line in report] == [name for name, _, _ in CHAT_MEASURES.values()]
+    assert float(report[0].split()[4]) > 0, report[0]  # "loss on assistant tokens 6.210 nats/token"
+    assert pretrained.read_bytes() == before
