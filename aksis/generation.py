@@ -6,8 +6,7 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'inference_precision',
-           'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from .core import AksisError, cpu_speed, get_device, precision_for
-from .model import GPT, Checkpoint, KVCache, fast_inference, load_checkpoint
+from .core import AksisError, get_device
+from .model import GPT, Checkpoint, KVCache, load_checkpoint
+from .speed import fast_inference, inference_precision
 from .tokenizer import special_ids
 
 # %% ../nbs/06_generation.ipynb #98251d5f
@@ -220,7 +220,6 @@ def generate_batch(
 ) -> Iterator[Tensor]:
     "Yield the next token of every row, (B,), for `max_new_tokens` steps: one prefill over the prompts, then one cached step for all rows at a time (replayed from a CUDA graph, one step ahead: the tokens copied to the CPU)"
     B, n_prompt = prompts.shape
-    fast_inference(model, rows=B)
     generator = _random_generator(prompts.device, config.seed)
     tokens = torch.empty(
         B, n_prompt + config.max_new_tokens, dtype=torch.long, device=prompts.device
@@ -301,7 +300,6 @@ def _greedy_lookahead(
     stop_ids: Sequence[int],  # Token ids that end the text (they are not yielded)
 ) -> Iterator[int]:
     "Greedy decoding that checks `prompt_lookup` guesses: the same tokens as one step per token, in fewer passes"
-    fast_inference(model, rows=config.lookahead + 1)  # a step checks up to this many tokens
     device, max_seq_len = _model_device(model), model.config.max_seq_len
     ids, remaining = list(prompt_ids), config.max_new_tokens
     kv_cache = _new_cache(model, 1)
@@ -340,7 +338,6 @@ def _beam_search(
     stop_ids: Sequence[int],  # Token ids that finish a hypothesis
 ) -> list[int]:
     "The best-scoring continuation of `prompt_ids` found by beam search, without its stop token"
-    fast_inference(model, rows=config.beam_width)
     width, alpha, max_new_tokens = config.beam_width, config.length_penalty, config.max_new_tokens
     device, n_prompt, stop = _model_device(model), len(prompt_ids), set(stop_ids)
     tokens = torch.tensor([list(prompt_ids)] * width, device=device)  # (W, T) each beam's tokens
@@ -454,26 +451,14 @@ def generate(
     return text[: _find_stop(text, config.stop)]
 
 # %% ../nbs/06_generation.ipynb #0a6ab6e8
-def inference_precision(
-    device: torch.device,  # Where the model runs
-    precision: str = "fp32",  # `fp32`, `bf16`, `fp16` or `auto`
-) -> tuple[torch.dtype | None, bool]:
-    "For generation: the type to cast the weights to (None: fp32, no cast), and whether one-row products use fp16 copies of them (`GPT.fp16_decoding`)"
-    if precision == "auto" and device.type == "cpu":  # prefill and batches are fastest in fp32
-        return None, cpu_speed().fp16_decodes_fast
-    return precision_for(device, precision).dtype, False
-
-
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
     device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
     precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s choice
 ) -> Checkpoint:
-    "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
+    "A checkpoint loaded for generation: its model in eval mode on `device`, made fast by `fast_inference` in `precision`"
     torch_device = get_device(device)
-    dtype, fp16_decoding = inference_precision(torch_device, precision)
+    inference_precision(torch_device, precision)  # one the device lacks fails before the load
     checkpoint = load_checkpoint(checkpoint_path, torch_device)
-    if dtype is not None:
-        checkpoint.model.to(dtype)
-    checkpoint.model.fp16_decoding = fp16_decoding
+    fast_inference(checkpoint.model, precision)
     return checkpoint

@@ -43,11 +43,11 @@ from aksis.core import (
     atomic_path,
     get_device,
     model_config,
-    precision_for,
     remove_stale_temps,
 )
 from .data import corpus_tokenizer, make_loader, token_stream
 from .model import GPT, Checkpoint, _one_line, _unwrap, load_checkpoint, save_checkpoint
+from .speed import precision_for
 from .tokenizer import DEFAULT_VOCAB_SIZE, EOT, special_ids
 
 # %% ../nbs/05_training.ipynb #7b3671e4

@@ -10,8 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from aksis import core
-from aksis.core import AksisError, cpu_speed, precision_for
+import aksis.speed as aksis_speed
+from aksis.core import AksisError
+from aksis.speed import cpu_speed, precision_for
 
 CPU = torch.device("cpu")
 
@@ -37,14 +38,14 @@ def probe(fp32, bf16):
 @pytest.mark.parametrize("fp32, bf16, dtype", [(62.0, 145.0, torch.bfloat16), (71.0, 1.8, None)])
 def test_auto_follows_the_probe(monkeypatch, fp32, bf16, dtype):
     measure, calls = probe(fp32, bf16)
-    monkeypatch.setattr(core, "_matmul_gflops", measure)
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", measure)
     assert precision_for(CPU, "auto").dtype is dtype
     assert calls == [torch.float32, torch.bfloat16]
 
 
 def test_a_cache_hit_does_not_measure(monkeypatch, cache):
     measure, calls = probe(71.0, 1.8)
-    monkeypatch.setattr(core, "_matmul_gflops", measure)
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", measure)
     first = cpu_speed()
     assert first.measured_now and first.cache == cache and len(calls) == 2
     for _ in range(3):
@@ -59,7 +60,7 @@ def test_a_cache_hit_does_not_measure(monkeypatch, cache):
 
 def test_each_limit_has_its_own_entry(monkeypatch, cache):
     measure, calls = probe(71.0, 1.8)
-    monkeypatch.setattr(core, "_matmul_gflops", measure)
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", measure)
     cpu_speed()
     with monkeypatch.context() as limited:
         limited.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
@@ -82,8 +83,8 @@ def test_each_limit_has_its_own_entry(monkeypatch, cache):
 )
 def test_a_damaged_cache_is_measured_again(monkeypatch, cache, damage):
     measure, calls = probe(62.0, 145.0)
-    monkeypatch.setattr(core, "_matmul_gflops", measure)
-    cache.write_text(damage.replace("KEY", core._cpu_key()))
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", measure)
+    cache.write_text(damage.replace("KEY", aksis_speed._cpu_key()))
     assert cpu_speed().measured_now and len(calls) == 2
     assert not cpu_speed().measured_now
 
@@ -91,7 +92,7 @@ def test_a_damaged_cache_is_measured_again(monkeypatch, cache, damage):
 def test_an_unwritable_cache_still_decides(monkeypatch, tmp_path):
     monkeypatch.setenv("AKSIS_CACHE", str(tmp_path / "file"))
     (tmp_path / "file").write_text("not a directory")
-    monkeypatch.setattr(core, "_matmul_gflops", probe(62.0, 145.0)[0])
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(62.0, 145.0)[0])
     speed = cpu_speed()
     assert speed.cache is None and speed.bf16_fast and "cached" not in speed.describe()
 
@@ -111,9 +112,9 @@ ONEDNN_AHEAD = {"aten": 11.0, "onednn": 22.0, "blockwise": 15.0}, {"aten": 9.0, 
 )
 def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernels):
     one_row, many_row = gbps
-    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(71.0, 1.8)[0])
     monkeypatch.setattr(
-        core,
+        aksis_speed,
         "_linear_gbps",
         lambda kernel, rows, dtype=torch.float32: (
             14.0 if dtype == torch.float16 else gbps[rows > 1][kernel]
@@ -122,7 +123,7 @@ def test_the_inference_kernels_follow_the_probe(monkeypatch, cache, gbps, kernel
     speed = cpu_speed()
     assert (speed.one_row_kernel, speed.many_row_kernel) == kernels
     assert (speed.one_row_gbps, speed.many_row_gbps) == gbps
-    one, many = (core.KERNELS[kernel] for kernel in kernels)
+    one, many = (aksis_speed.Kernel(kernel).label for kernel in kernels)
     assert speed.describe_inference().startswith(f"{one} for one row, {many} for several (")
     (entry,) = json.loads(cache.read_text()).values()
     assert entry == dict(fp32=71.0, bf16=1.8, one_row=one_row, many_row=many_row, fp16_row=14.0)
@@ -134,9 +135,9 @@ def test_kernels_that_fail_leave_aten(monkeypatch):
     def failing(*args):
         raise RuntimeError("no such kernel on this build")
 
-    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "onednn_linear", failing)
-    monkeypatch.setattr(core, "blockwise_linear", failing)
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(aksis_speed, "onednn_linear", failing)
+    monkeypatch.setattr(aksis_speed, "blockwise_linear", failing)
     speed = cpu_speed()
     assert speed.one_row_gbps["onednn"] == speed.one_row_gbps["blockwise"] == 0.0
     assert speed.many_row_gbps["onednn"] == 0.0 and speed.one_row_gbps["aten"] > 0
@@ -144,8 +145,8 @@ def test_kernels_that_fail_leave_aten(monkeypatch):
 
 
 def test_the_threads_have_their_own_entry(monkeypatch, cache):
-    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
-    monkeypatch.setattr(core, "_linear_gbps", lambda kernel, rows, dtype=torch.float32: 10.0)
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(aksis_speed, "_linear_gbps", lambda kernel, rows, dtype=torch.float32: 10.0)
     cpu_speed()
     threads = torch.get_num_threads()
     try:
@@ -157,7 +158,7 @@ def test_the_threads_have_their_own_entry(monkeypatch, cache):
 
 
 def test_explicit_names(monkeypatch, capsys):
-    monkeypatch.setattr(core, "_matmul_gflops", probe(71.0, 1.8)[0])
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(71.0, 1.8)[0])
     assert precision_for(CPU, "bf16").dtype is torch.bfloat16  # asked for: obeyed, with a warning
     assert "bf16 runs 39.4× slower than fp32" in capsys.readouterr().err
     assert precision_for(CPU, "fp32").dtype is None
@@ -170,7 +171,7 @@ def test_explicit_names(monkeypatch, capsys):
 
 PROBE = """
 import torch
-from aksis.core import cpu_speed, precision_for
+from aksis.speed import cpu_speed, precision_for
 speed = cpu_speed()
 print(speed.fp32_gflops, speed.bf16_gflops, precision_for(torch.device("cpu")).dtype)
 """
@@ -194,6 +195,17 @@ def test_a_real_cpu_without_bf16(tmp_path):
     assert dtype == "None" and bf16 < fp32
 
 
-def test_this_cpu_agrees_with_its_measurement(tmp_path):
-    fp32, bf16, dtype = real_probe(tmp_path)
-    assert dtype == ("torch.bfloat16" if bf16 > core.BF16_MARGIN * fp32 else "None")
+@pytest.mark.parametrize(
+    "fp32, bf16, dtype", [(60.0, 74.0, None), (60.0, 76.0, torch.bfloat16), (60.0, 60.0, None)]
+)
+def test_auto_takes_bf16_only_past_the_margin(monkeypatch, fp32, bf16, dtype):
+    "bf16 must beat fp32 by `BF16_MARGIN`, 1.25: 74 / 60 = 1.23 is not enough, 76 / 60 = 1.27 is"
+    monkeypatch.setattr(aksis_speed, "_matmul_gflops", probe(fp32, bf16)[0])
+    monkeypatch.setattr(aksis_speed, "_linear_gbps", lambda kernel, rows, dtype=torch.float32: 10.0)
+    assert precision_for(CPU, "auto").dtype is dtype
+
+
+def test_the_real_probe_is_read_back_as_measured(tmp_path):
+    "In a fresh process, the real probe's numbers and `auto`'s choice come back the same from the cache"
+    first = real_probe(tmp_path)
+    assert real_probe(tmp_path) == first and first[2] in ("None", "torch.bfloat16")

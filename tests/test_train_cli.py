@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from aksis.cli import main
-from aksis.core import BF16_MARGIN
 from aksis.model import load_checkpoint
+from aksis.speed import BF16_MARGIN
 
 VERSE = (
     "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate:\n"
