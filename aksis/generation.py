@@ -466,7 +466,7 @@ def inference_precision(
 
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
-    device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
+    device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
     precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s choice
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, with 16-bit weights if asked"
