@@ -320,7 +320,7 @@ def compare_transformers(
 def benchmark_model(
     checkpoint_path: str | None = None,  # A checkpoint to measure, or None for `preset`
     preset: str | None = None,  # A shape from `PRESETS` with random weights (default: `base`)
-    device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
+    device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
     precision: str = "fp32",  # `auto`, `fp32`, `bf16` or `fp16`: the type of the weights
 ) -> tuple[GPT, Tokenizer | None]:
     "The model to measure, in eval mode on `device` in `precision`, and its tokenizer (None for a preset)"
@@ -482,7 +482,7 @@ def benchmark_training(
     steps: int = 10,  # Timed optimizer steps
     warmup: int = 3,  # Untimed steps first
     batch_size: int = 16,  # Windows of `max_seq_len` tokens per step
-    device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
+    device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
     precision: str = "auto",  # `auto`, `fp32`, `bf16` or `fp16`
     compile: bool = False,  # Compile the model with `torch.compile`
 ) -> dict[str, Any]:
@@ -497,12 +497,12 @@ def benchmark_training(
         trainer = Trainer(config, shape, data=data)
         batches = data.batches(batch_size, config.seed, 0, 0)
         for _ in range(warmup):
-            trainer._train_step(batches)
+            trainer.train_step(batches)
         _reset_peak_memory(trainer.device)
         times = []
         for _ in range(steps):
             start = _clock(trainer.device)
-            trainer._train_step(batches)
+            trainer.train_step(batches)
             times.append(_clock(trainer.device) - start)
     tokens_per_s = batch_size * shape.max_seq_len * steps / sum(times)
     flops, peak = training_flops(shape), peak_flops(trainer.device)

@@ -6,8 +6,8 @@ Docs: https://aksis-ai.github.io/aksis/chat.html.md"""
 
 # %% auto #0
 __all__ = ['ROLES', 'WELL_FORMED_TARGET', 'Message', 'special_id', 'render_message', 'render', 'context_budget', 'build_prompt',
-           'save_conversation', 'load_conversation', 'lock_file', 'unlock_file', 'Conversation', 'Chat', 'chat_notice',
-           'chat_repl']
+           'parse_messages', 'save_conversation', 'load_conversation', 'lock_file', 'unlock_file', 'Conversation',
+           'Chat', 'chat_notice', 'chat_repl']
 
 # %% ../nbs/07_chat.ipynb #71d4fa6b
 import json
@@ -117,6 +117,26 @@ def build_prompt(
         roles.pop(0)
     return system + [i for turn in history for i in turn] + latest + generation_start
 
+# %% ../nbs/07_chat.ipynb #6cff63a9
+def parse_messages(
+    messages: Any,  # A parsed JSON value: a list of `{"role": ..., "content": ...}` objects
+    where: str,  # Names the list in errors, e.g. a file, or a file and its line
+) -> list[Message]:
+    "The `Message`s of a parsed JSON list, a system message only first; else a one-line `AksisError` naming `where`"
+    if not isinstance(messages, list):
+        raise AksisError(f"{where}: the messages are not a list")
+    parsed = []
+    for n, m in enumerate(messages, 1):
+        if not (isinstance(m, dict) and {"role", "content"} <= m.keys()):
+            raise AksisError(f"{where}: message {n} is not an object with a role and a content")
+        try:
+            parsed.append(Message(m["role"], m["content"]))
+        except AksisError as e:
+            raise AksisError(f"{where}: message {n}: {e}") from None
+        if parsed[-1].role == "system" and n > 1:
+            raise AksisError(f"{where}: message {n} is a system message; put it first")
+    return parsed
+
 # %% ../nbs/07_chat.ipynb #7794d79e
 def _check_writable(path: Path) -> None:
     "Refuse to replace a read-only file (an atomic rename would ignore its permissions)"
@@ -164,15 +184,7 @@ def load_conversation(
         raise AksisError(
             f"{path} is an Aksis chat file of an unknown version or layout: use another --context-file"
         )
-    messages = []
-    for n, m in enumerate(document["messages"], 1):
-        if not (isinstance(m, dict) and set(m) == {"role", "content"}):
-            raise AksisError(f"{path}: message {n} is not an object with a role and a content")
-        try:
-            messages.append(Message(m["role"], m["content"]))
-        except AksisError as e:
-            raise AksisError(f"{path}: message {n}: {e}") from None
-    return messages
+    return parse_messages(document["messages"], str(path))
 
 # %% ../nbs/07_chat.ipynb #2b3f0b71
 def _lock_owner(lock: Path) -> int | None:
@@ -333,14 +345,19 @@ class Chat(Conversation):
 
     @config.setter
     def config(self, config: GenerationConfig) -> None:
-        cap = self.model.config.max_seq_len // 2
+        cap = self.max_reply_tokens
         self._config = replace(config, max_new_tokens=min(config.max_new_tokens, cap))
+
+    @property
+    def max_reply_tokens(self) -> int:
+        "The longest reply: half the model's window, so that the conversation keeps the other half"
+        return self.model.config.max_seq_len // 2
 
     @classmethod
     def from_checkpoint(
         cls,
         checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint`
-        device: str = "auto",  # `auto`, `cpu`, `cuda`, ...
+        device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
         precision: str = "fp32",  # The weights' type (see `load_for_inference`)
         **kwargs: Any,
     ) -> "Chat":

@@ -6,10 +6,10 @@ Docs: https://aksis-ai.github.io/aksis/cli.html.md"""
 
 # %% auto #0
 __all__ = ['Argument', 'Arguments', 'COMMANDS', 'arg', 'Command', 'command', 'positive_int', 'positive_float', 'probability',
-           'config_flags', 'build_parser', 'main', 'info', 'tokenize', 'load_data', 'generation_flags',
-           'precision_aliases', 'inference_flags', 'generate_text', 'chat_with_model', 'resume_flag', 'training_flags',
-           'train_flags', 'run_training', 'train_model', 'fine_tune_flags', 'fine_tune_model', 'eval_chat',
-           'benchmark_flags', 'measure_inference']
+           'config_flags', 'build_parser', 'main', 'info', 'tokenizer_flag', 'tokenize', 'data_flags', 'load_data',
+           'generation_flags', 'precision_aliases', 'inference_flags', 'generate_text', 'chat_with_model',
+           'resume_flag', 'resume_path', 'training_flags', 'train_flags', 'run_training', 'train_model',
+           'fine_tune_flags', 'fine_tune_model', 'eval_chat', 'benchmark_flags', 'measure_inference']
 
 # %% ../nbs/12_cli.ipynb #29a49d91
 import argparse
@@ -243,15 +243,19 @@ def _show_token(piece: bytes) -> str:
         return repr(piece)
 
 
+def tokenizer_flag(
+    default: str,  # The tokenizer used without the flag, as the help names it
+) -> Argument:
+    "`--tokenizer-path`: the `tokenizer.json` that `tokenize` and `load-data` read instead of their default"
+    return arg("--tokenizer-path", help=f"A tokenizer.json (default: {default})")
+
+
 @command(
     "tokenize",
     "Show how a text splits into tokens and ids",
     [
         arg("--text", required=True, help="Text to tokenize"),
-        arg(
-            "--tokenizer-path",
-            help="A tokenizer.json (default: the Shakespeare tokenizer, trained once and cached)",
-        ),
+        tokenizer_flag("the Shakespeare tokenizer, trained once and cached"),
         arg("--checkpoint-path", help="Use the tokenizer stored in this checkpoint"),
     ],
 )
@@ -279,25 +283,22 @@ def tokenize(text: str, tokenizer_path: str | None, checkpoint_path: str | None)
     print("ids:", " ".join(map(str, ids)))
 
 # %% ../nbs/12_cli.ipynb #aksis-data-5
+def data_flags() -> list[Argument]:
+    "`--dataset` and `--data-dir`, made from the fields of `TrainConfig` as `train-model`'s are"
+    from aksis.training import TrainConfig
+
+    kept = ("dataset", "data_dir")
+    return config_flags(TrainConfig, [f.name for f in fields(TrainConfig) if f.name not in kept])
+
+
 @command(
     "load-data",
     "Load and tokenize a corpus; print its statistics and one decoded batch",
-    [
-        arg(
-            "--dataset",
-            default="shakespeare",
-            help="shakespeare, wikitext2, chitchat, or a text file, directory, glob or .jsonl file",
-        ),
-        arg(
-            "--data-dir",
-            help="For wikitext2: a directory with local wiki.train.raw, wiki.valid.raw, ... files",
-        ),
+    lambda: [
+        *data_flags(),
         arg("--batch-size", type=positive_int, default=4, help="Windows in the batch shown"),
         arg("--max-length", type=positive_int, default=256, help="Tokens per window"),
-        arg(
-            "--tokenizer-path",
-            help="A tokenizer.json (default: one trained on the corpus's training split, cached)",
-        ),
+        tokenizer_flag("one trained on the corpus's training split, cached"),
     ],
 )
 def load_data(
@@ -361,30 +362,28 @@ def generation_flags(
     )
 
 
-def precision_aliases() -> list[Argument]:
-    "The specification's `--mixed-precision` and `--no-mixed-precision`: `--precision auto` and `--precision fp32`"
+def precision_aliases(
+    flag: str,  # The flag they stand for: `--precision` (training) or `--dtype` (inference)
+) -> list[Argument]:
+    "The specification's `--mixed-precision` and `--no-mixed-precision`: `flag auto` and `flag fp32`"
     return [
         arg("--mixed-precision", dest="precision", action="store_const", const="auto",
-            default=argparse.SUPPRESS, help="Same as --precision auto"),
+            default=argparse.SUPPRESS, help=f"Same as {flag} auto"),
         arg("--no-mixed-precision", dest="precision", action="store_const", const="fp32",
-            default=argparse.SUPPRESS, help="Same as --precision fp32"),
+            default=argparse.SUPPRESS, help=f"Same as {flag} fp32"),
     ]  # fmt: skip
 
 
 def inference_flags() -> list[Argument]:
-    "`--device`, and `--precision` of the weights (fp32 unless asked), with its aliases"
-    from aksis.core import PRECISIONS
+    "`--device`, and `--dtype`, the weights' type (fp32 unless asked; `--precision` is its old spelling), with its aliases"
+    from aksis.core import DEVICE_NAMES, PRECISIONS
 
     return [
-        arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
-        arg(
-            "--precision",
-            choices=PRECISIONS,
-            default="fp32",
-            help="The weights' type: fp32, or bf16 or fp16 (cast once, at loading: less memory, faster decoding), or auto: what decodes fastest on this hardware (on a CPU, fp32 with fp16 copies for one-token steps)",
-        ),
-        *precision_aliases(),
-    ]
+        arg("--device", default="auto", help=DEVICE_NAMES),
+        arg("--dtype", "--precision", dest="precision", choices=PRECISIONS, default="fp32",
+            help="The weights' type, cast once at loading: fp32, bf16 or fp16 (less memory, faster decoding), or auto: what decodes fastest here (on a CPU, fp32 with fp16 copies for one-token steps). Not autocast, which is train-model's --precision; here --precision is --dtype's old spelling"),
+        *precision_aliases("--dtype"),
+    ]  # fmt: skip
 
 # %% ../nbs/12_cli.ipynb #aksis-gen-3
 @command(
@@ -502,20 +501,31 @@ def resume_flag(
     )
 
 
+def resume_path(
+    resume: str | bool | None,  # `--resume`'s value: a path, True without one, None when not given
+    checkpoint_dir: str,  # The run's `--checkpoint-dir`
+) -> str | Path | None:
+    "The checkpoint `--resume` continues from: its path, or `latest.pt` in `checkpoint_dir` when it names none"
+    if resume is True:
+        return Path(checkpoint_dir) / "latest.pt"
+    return resume or None
+
+
 def training_flags(
     exclude: Sequence[str] = (),  # Fields of `TrainConfig` that get no flag
     defaults: dict[str, Any] | None = None,  # Defaults the help shows, where not the fields' own
 ) -> list[Argument]:
     "A flag for each field of `TrainConfig`, left out unless given, with the ranges and choices the parser checks"
-    from aksis.core import PRECISIONS
+    from aksis.core import DEVICE_NAMES, PRECISIONS
     from aksis.training import TrainConfig
 
     count, rate = dict(type=positive_int), dict(type=positive_float)
     options: dict[str, dict[str, Any]] = dict(vocab_size=count, epochs=count, max_steps=count, batch_size=count,
                    grad_accum_steps=count, eval_every=count, learning_rate=rate, muon_lr=rate,
-                   precision=dict(choices=PRECISIONS))  # fmt: skip
+                   precision=dict(choices=PRECISIONS),
+                   device=dict(help=f"{DEVICE_NAMES} (default: {TrainConfig.device})"))  # fmt: skip
     flags = config_flags(TrainConfig, exclude, False, options, defaults)
-    return [*flags, *precision_aliases()]
+    return [*flags, *precision_aliases("--precision")]
 
 
 def train_flags() -> list[Argument]:
@@ -583,8 +593,7 @@ def train_model(**flags: Any) -> None:
     shape = {
         f.name: flags.pop(f.name) for f in fields(ModelConfig) if f.name in flags.keys() - training
     }
-    if resume is True:
-        resume = Path(flags.get("checkpoint_dir", TrainConfig.checkpoint_dir)) / "latest.pt"
+    resume = resume_path(resume, flags.get("checkpoint_dir", TrainConfig.checkpoint_dir))
     run_training(
         lambda: (
             Trainer(train_config(preset, **flags), model_config(preset or "base", **shape))
@@ -639,11 +648,9 @@ def fine_tune_model(**flags: Any) -> None:
         resume_fine_tune,
     )
 
-    resume = flags.pop("resume", None)
-    if resume is True:
-        resume = (
-            Path(flags.get("checkpoint_dir", FINE_TUNE_DEFAULTS["checkpoint_dir"])) / "latest.pt"
-        )
+    resume = resume_path(
+        flags.pop("resume", None), flags.get("checkpoint_dir", FINE_TUNE_DEFAULTS["checkpoint_dir"])
+    )
     if resume is not None and "init_from" in flags:
         raise AksisError("--init-from starts a new run and --resume continues one: give only one")
     if resume is None and (missing := [f for f in ("init_from", "dataset") if f not in flags]):

@@ -33,18 +33,27 @@ from aksis.chat import (
     Message,
     build_prompt,
     context_budget,
+    parse_messages,
     render_message,
     special_id,
 )
-from .core import AksisError, Precision, hub_offline, hub_reachable
+from .core import AksisError, Precision, hub_offline, hub_reachable, one_line
 from .data import chitchat_conversations, json_lines, shakespeare_chat
 from .generation import GenerationConfig, generate_ids
-from .model import GPT, Checkpoint, _unwrap, load_checkpoint, load_gpt2, save_checkpoint
+from aksis.model import (
+    GPT,
+    IGNORE_INDEX,
+    Checkpoint,
+    load_checkpoint,
+    load_gpt2,
+    save_checkpoint,
+    unwrap_model,
+)
 from .tokenizer import END_TURN, PAD, SPECIAL_TOKENS, special_ids
 from aksis.training import (
     Trainer,
-    _check_checkpoint_dir,
-    _distributed,
+    check_checkpoint_dir,
+    rank_and_world_size,
     train_config,
     validation_metrics,
 )
@@ -62,16 +71,7 @@ def parse_conversation(
         )
     if not messages:
         raise AksisError(f"{where}: an empty conversation; give a user and an assistant message")
-    parsed = []
-    for n, m in enumerate(messages, 1):
-        if not isinstance(m, dict):
-            raise AksisError(f"{where}: message {n} is not an object with a role and a content")
-        try:
-            parsed.append(Message(m.get("role"), m.get("content")))  # type: ignore[arg-type]
-        except AksisError as e:
-            raise AksisError(f"{where}: message {n}: {e}") from None
-        if parsed[-1].role == "system" and n > 1:
-            raise AksisError(f"{where}: message {n} is a system message; put it first")
+    parsed = parse_messages(messages, where)
     if not any(m.role == "assistant" for m in parsed):
         raise AksisError(f"{where}: no assistant message, so nothing to learn from it")
     return parsed
@@ -117,7 +117,7 @@ def load_dataset_conversations(
         reason = (
             "it is not in the local cache and HF_HUB_OFFLINE is set; give a local .jsonl file"
             if offline and isinstance(e, ConnectionError)
-            else " ".join(str(e).split())[:200]
+            else one_line(e)
         )
         raise AksisError(f"cannot load dataset {name!r}: {reason}") from None
     result = {}
@@ -311,14 +311,14 @@ def collate(
     ],  # `(ids, mask)` pairs from `render_conversation`
     pad_id: int,  # The padding token's id
 ) -> tuple[Tensor, Tensor]:
-    "Inputs and targets `(B, T)`, right-padded to the longest example; targets are -100 where not supervised"
+    "Inputs and targets `(B, T)`, right-padded to the longest example; targets are `IGNORE_INDEX` where not supervised"
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, mask) in enumerate(examples):
         n = len(ids) - 1
         x[row, :n] = torch.tensor(ids[:-1])
-        y[row, :n] = torch.where(torch.tensor(mask[1:]), torch.tensor(ids[1:]), -100)
+        y[row, :n] = torch.where(torch.tensor(mask[1:]), torch.tensor(ids[1:]), IGNORE_INDEX)
     return x, y
 
 # %% ../nbs/08_finetune.ipynb #f57a6f3e
@@ -398,14 +398,14 @@ def evaluate(
     precision: Precision | None = None,  # Autocast settings (default: fp32)
 ) -> dict[str, float]:
     "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
-    rank, world_size = _distributed()
+    rank, world_size = rank_and_world_size()
     step = world_size * batch_size
     batches = (
         collate(self.validation[start : start + batch_size], self.pad_id)
         for start in range(rank * batch_size, len(self.validation), step)
     )
     characters = sum(_characters(self.tokenizer, ids, mask) for ids, mask in self.validation)
-    return validation_metrics(_unwrap(model), batches, characters, precision)
+    return validation_metrics(unwrap_model(model), batches, characters, precision)
 
 
 def _characters(tokenizer: Tokenizer, ids: list[int], mask: list[bool]) -> int:
@@ -453,7 +453,7 @@ def fine_tune(
 ) -> Trainer:
     "A `Trainer` that fine-tunes `init_from` on `dataset`; `fit` runs it"
     config = train_config(**{**FINE_TUNE_DEFAULTS, **settings, "dataset": dataset})
-    _check_checkpoint_dir(Path(config.checkpoint_dir), new_run=True)  # before the slow parts
+    check_checkpoint_dir(Path(config.checkpoint_dir), new_run=True)  # before the slow parts
     chat = is_chat_data(dataset)
     if persona is not None and dataset != "shakespeare-chat":
         raise AksisError("--persona applies only to --dataset shakespeare-chat")

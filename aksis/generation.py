@@ -453,7 +453,7 @@ def generate(
 # %% ../nbs/06_generation.ipynb #0a6ab6e8
 def load_for_inference(
     checkpoint_path: str | Path,  # A checkpoint written by `save_checkpoint` (or `train-model`)
-    device: str = "auto",  # `auto`, `cpu`, `cuda`, `cuda:N` or `mps`
+    device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
     precision: str = "fp32",  # `fp32`, or the weights cast to `bf16`, `fp16` or `auto`'s choice
 ) -> Checkpoint:
     "A checkpoint loaded for generation: its model in eval mode on `device`, made fast by `fast_inference` in `precision`"

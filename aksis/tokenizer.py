@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .core import AksisError, ModelConfig, atomic_path
+from .core import AksisError, ModelConfig, atomic_path, one_line
 
 # %% ../nbs/01_tokenizer.ipynb #66ad0786
 def _byte_decoder() -> dict[str, int]:
@@ -85,7 +85,7 @@ def tokenizer_from_json(
     try:
         tok = Tokenizer.from_str(text)
     except Exception as e:
-        raise AksisError(f"not a valid tokenizer.json: {str(e).splitlines()[0]}") from e
+        raise AksisError(f"not a valid tokenizer.json: {one_line(e)}") from e
     missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
     if missing:
         raise AksisError(

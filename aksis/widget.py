@@ -177,7 +177,7 @@ class ChatWidget(widgets.VBox):
         self,
         checkpoint_path: str
         | Path,  # A checkpoint written by `save_checkpoint` (or `aksis train-model`)
-        device: str = "auto",  # `auto`, `cpu`, `cuda`, ...
+        device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
         config: GenerationConfig
         | None = None,  # The initial generation settings (default: `GenerationConfig()`)
         system_prompt: str | None = None,  # Instructions for the whole conversation
@@ -211,7 +211,7 @@ class ChatWidget(widgets.VBox):
         notice = chat_notice(self.chat.info, checkpoint_path)  # a model that was never fine-tuned
         self.status = widgets.HTML(_NOTE.format(html.escape(notice)) if notice else "")
         self.sampler, self.temperature, self.top_k, self.top_p, self.max_new_tokens = controls = (
-            sampler_controls(self.chat.config, self.chat.model.config.max_seq_len // 2)
+            sampler_controls(self.chat.config, self.chat.max_reply_tokens)
         )
         self.markdown = widgets.Checkbox(value=markdown, description="show replies as Markdown")
         self.system_prompt = widgets.Textarea(
