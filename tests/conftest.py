@@ -46,7 +46,7 @@ def tiny_checkpoint(
     path: Path,
     texts: list[str],  # What the tokenizer is trained on
     vocab_size: int = 300,  # The tokenizer's
-    train_state: dict | None = None,
+    train_state: dict | None = None,  # Saved with it, as by `save_checkpoint`
     **config,  # Changes to the tiny preset, e.g. `max_seq_len`
 ) -> tuple[GPT, Tokenizer]:
     "Save an untrained tiny model (seed 0) and a tokenizer trained on `texts` to `path`; return both"
@@ -62,8 +62,8 @@ def write_tiny_gpt2(
     text: str,  # What the tokenizer is trained on
     tokenizer_size: int = 300,  # The tokenizer's vocabulary
     model_vocab: int | None = None,  # The model's; None: the tokenizer's
-    n_layer: int = 2,
-    n_positions: int = 128,
+    n_layer: int = 2,  # Decoder blocks
+    n_positions: int = 128,  # The context window
     tokenizer_files: str = "tokenizer.json",  # or "vocab.json": vocab.json and merges.txt
 ):
     "A random GPT-2 (seed 0) and a GPT-2-style byte-level BPE (only `<|endoftext|>` special), as transformers saves them; return both"
