@@ -277,7 +277,7 @@ def compare_transformers(
     num_runs: int = 10,  # Timed generations
     warmup: int = 2,  # Untimed generations first
 ) -> dict[str, Any]:
-    "Time transformers' `generate` on the same weights and prompts; its speed, Aksis's speedup over it, and whether the tokens match"
+    "Time transformers' `GPT2LMHeadModel.generate` on the same weights and prompts; its speed, Aksis's speedup over it, and whether the tokens match"
     if config.sampler != "greedy":
         raise AksisError("--compare transformers checks tokens, so it needs --sampler greedy")
     weight = next(model.parameters())

@@ -774,8 +774,7 @@ def _unknown_persona(persona: str, names: Sequence[str], split: str) -> AksisErr
 # %% ../nbs/02_data.ipynb #eb915aae
 def shakespeare_chat(
     split: str = "train",  # `train` or `validation`: the plays of the `shakespeare` corpus's split
-    persona: str
-    | None = None,  # Only this character's conversations (any case); None for everyone's
+    persona: str | None = None,  # Only this character's conversations (any case); None: all
 ) -> list[dict[str, Any]]:
     "Chat conversations from the scenes of Shakespeare's plays, the assistant playing one character"
     if split not in ("train", "validation"):

@@ -78,8 +78,7 @@ def parse_conversation(
 
 # %% ../nbs/08_finetune.ipynb #b5510841
 def read_jsonl(
-    path: str
-    | Path,  # A JSON Lines file, one `{"messages": [...]}` per line (blank lines are skipped)
+    path: str | Path,  # A JSON Lines file, one `{"messages": [...]}` per line (blank lines skipped)
 ) -> list[list[Message]]:
     "The conversations of a JSON Lines file, checked line by line"
     path = Path(path)
@@ -207,8 +206,7 @@ def _holdout(conversations: list[list[Message]]) -> dict[str, list[list[Message]
 
 def load_conversations(
     dataset: str,  # `shakespeare-chat`, `chitchat`, a .jsonl file, or a `datasets` dataset with a `messages` column
-    persona: str
-    | None = None,  # For `shakespeare-chat`: the character the assistant plays (default: all)
+    persona: str | None = None,  # For `shakespeare-chat`: the character the assistant plays
 ) -> dict[str, list[list[Message]]]:
     "The `train` and `validation` conversations of `dataset`"
     if dataset == "shakespeare-chat":
@@ -306,9 +304,7 @@ def conversation_windows(
 
 # %% ../nbs/08_finetune.ipynb #f575b641
 def collate(
-    examples: Sequence[
-        tuple[list[int], list[bool]]
-    ],  # `(ids, mask)` pairs from `render_conversation`
+    examples: Sequence[tuple[list[int], list[bool]]],  # `(ids, mask)` from `render_conversation`
     pad_id: int,  # The padding token's id
 ) -> tuple[Tensor, Tensor]:
     "Inputs and targets `(B, T)`, right-padded to the longest example; targets are `IGNORE_INDEX` where not supervised"
@@ -449,9 +445,9 @@ def fine_tune(
     init_from: str,  # An Aksis checkpoint, a local transformers GPT-2 directory, or a Hub name (`gpt2`)
     dataset: str,  # Conversations (chat fine-tuning) or text, as `train-model` takes (domain fine-tuning)
     persona: str | None = None,  # For `shakespeare-chat`: the character the assistant plays
-    **settings: Any,  # `TrainConfig` fields, over `FINE_TUNE_DEFAULTS`
+    **settings: Any,
 ) -> Trainer:
-    "A `Trainer` that fine-tunes `init_from` on `dataset`; `fit` runs it"
+    "A `Trainer` that fine-tunes `init_from` on `dataset` with `settings` (`TrainConfig` fields, over `FINE_TUNE_DEFAULTS`); `fit` runs it"
     config = train_config(**{**FINE_TUNE_DEFAULTS, **settings, "dataset": dataset})
     check_checkpoint_dir(Path(config.checkpoint_dir), new_run=True)  # before the slow parts
     chat = is_chat_data(dataset)
@@ -473,9 +469,9 @@ def fine_tune(
 def resume_fine_tune(
     path: str | Path,  # A checkpoint of a fine-tuning run (`finetuned/latest.pt`)
     persona: str | None = None,  # Must be the run's, if given
-    **settings: Any,  # `TrainConfig` fields; those a run keeps must agree with it
+    **settings: Any,
 ) -> Trainer:
-    "Continue the fine-tuning run saved at `path` exactly where it stopped"
+    "Continue the fine-tuning run saved at `path` exactly where it stopped; `settings` (`TrainConfig` fields) must agree with those the run keeps"
     checkpoint = load_checkpoint(path)
     tuned = checkpoint.info.get("fine_tuned")
     if not tuned:
@@ -693,7 +689,7 @@ def record_chat_evaluation(
     path: str | Path,  # A chat fine-tune's checkpoint, such as `finetuned/best.pt`
     n: int = 100,  # Held-out prompts to answer
 ) -> dict[str, Any]:
-    "Evaluate the chat of the checkpoint at `path` on its fine-tuning data's held-out split (seed 0), record it in the checkpoint's `info`, and return that `info`"
+    "Evaluate the chat of the checkpoint at `path` on its fine-tuning data's held-out split (seed 0), record it in the checkpoint's info dict, and return that dict"
     checkpoint = load_checkpoint(path)
     tuned = checkpoint.info["fine_tuned"]
     validation = load_conversations(tuned["dataset"], tuned.get("persona"))["validation"]

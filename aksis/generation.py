@@ -130,7 +130,7 @@ class GenerationConfig:
 def sample(
     logits: Tensor,  # (B, vocab) scores of the next token
     config: "GenerationConfig",  # The sampler and its settings
-    generator: torch.Generator | None = None,  # Source of the random draws
+    generator: "torch.Generator | None" = None,  # Source of the random draws
     previous_ids: Tensor | None = None,  # (B, T) the text so far, for the repetition penalty
 ) -> Tensor:
     "The next token of each row, chosen by `config`'s sampler, shaped (B,)"

@@ -16,7 +16,7 @@ import pickle
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -416,7 +416,7 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,  # What resuming needs (optimizer, step...)
     info: dict[str, Any] | None = None,  # Plain data, e.g. how the model was fine-tuned
 ) -> Path:
-    "Write `model`'s config and weights, `tokenizer`, `train_state` and `info` to one `.pt` file, atomically"
+    "Write `model`'s config and weights, `tokenizer`, `train_state` and the info dict to one `.pt` file, atomically"
     model = cast(GPT, unwrap_model(model))
     try:
         json.dumps(info)
@@ -446,7 +446,7 @@ class Checkpoint:
     tokenizer: Tokenizer  # The tokenizer the model was trained with
     config: ModelConfig  # The model's shape
     train_state: dict[str, Any] | None  # Optimizer, step, ...; None in a weights-only file
-    info: dict[str, Any] = field(default_factory=dict)  # Plain data; {} in older files
+    info: dict[str, Any]  # Plain data; {} in older files
 
 # %% ../nbs/04_model.ipynb #f2c7eb65
 def load_checkpoint(

@@ -279,9 +279,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def train_config(
     preset: str | None = None,  # A name in `RECIPES` (other presets have no recipe)
-    **overrides: Any,  # `TrainConfig` fields to set
-) -> TrainConfig:
-    "The `TrainConfig` of `preset`'s recipe, with `overrides` applied"
+    **overrides: Any,
+) -> "TrainConfig":
+    "The `TrainConfig` of `preset`'s recipe, with `overrides` (`TrainConfig` fields) applied"
     unknown = set(overrides) - {f.name for f in fields(TrainConfig)}
     if unknown:
         raise AksisError(f"unknown training settings: {', '.join(sorted(unknown))}")
@@ -492,11 +492,11 @@ class Trainer:
 
     def __init__(
         self,
-        config: TrainConfig,  # How to train
+        config: "TrainConfig",  # How to train
         model_config: ModelConfig | None = None,  # The shape (default: the spec's) but its vocab
         tokenizer: Tokenizer | None = None,  # Default: the checkpoint's, or a BPE of the dataset
         checkpoint: Checkpoint | None = None,  # Its weights, and its run if it has a training state
-        data: BatchSource | None = None,  # What to train on instead of the dataset's tokens
+        data: "BatchSource | None" = None,  # What to train on instead of `config.dataset`'s tokens
         info: dict[str, Any] | None = None,  # Saved in the checkpoints (default: the checkpoint's)
     ):
         self.config = config
@@ -765,9 +765,10 @@ class Trainer:
                 self._save_loss_curve()
         finally:
             log.close()
-        minutes = (time.perf_counter() - started) / 60
+        seconds = time.perf_counter() - started
+        took = f"{seconds / 60:.1f} min" if seconds >= 60 else "under a minute"
         log.print(
-            f"{self.step - first_step} steps in {minutes:.1f} min; saved latest.pt, best.pt (val loss {self.best_val_loss:.4f}) and loss_curve.png in {config.checkpoint_dir}"
+            f"{self.step - first_step} steps in {took}; saved latest.pt, best.pt (val loss {self.best_val_loss:.4f}) and loss_curve.png in {config.checkpoint_dir}"
         )
         return metrics
 
@@ -776,11 +777,11 @@ class Trainer:
         cls,
         path: str | Path,  # A checkpoint written by a `Trainer` (`latest.pt`, `epoch_N.pt`, ...)
         preset: str | None = None,  # A model preset; it must have the checkpoint's shape
-        data: BatchSource | None = None,  # The run's batch source, if not a token stream
+        data: "BatchSource | None" = None,  # The run's batch source, if not a token stream
         checkpoint: Checkpoint | None = None,  # The checkpoint at `path`, if already loaded
-        **overrides: Any,  # `TrainConfig` and shape fields; those a run keeps must agree with it
+        **overrides: Any,
     ) -> "Trainer":
-        "Continue the run saved at `path` exactly where it stopped"
+        "Continue the run saved at `path` exactly where it stopped; `overrides` (`TrainConfig` and shape fields) must agree with those the run keeps"
         checkpoint = checkpoint or load_checkpoint(path)
         if not checkpoint.train_state:
             raise AksisError(f"{path} holds weights only, no training state: it cannot be resumed")

@@ -175,15 +175,11 @@ class ChatWidget(widgets.VBox):
 
     def __init__(
         self,
-        checkpoint_path: str
-        | Path,  # A checkpoint written by `save_checkpoint` (or `aksis train-model`)
+        checkpoint_path: str | Path,  # A checkpoint of `save_checkpoint` or `aksis train-model`
         device: str = "auto",  # Where to run: one of `DEVICE_NAMES`
-        config: GenerationConfig
-        | None = None,  # The initial generation settings (default: `GenerationConfig()`)
+        config: GenerationConfig | None = None,  # Initial settings (default: `GenerationConfig()`)
         system_prompt: str | None = None,  # Instructions for the whole conversation
-        context_file: str
-        | Path
-        | None = None,  # JSON file loaded at the start if present, written after every turn
+        context_file: str | Path | None = None,  # JSON history: read if present, written each turn
         precision: str = "fp32",  # The weights' type (see `load_for_inference`)
         markdown: bool = False,  # Show replies as Markdown (safely: HTML in them stays text)
     ):

@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_aksis, tiny_checkpoint
 
 from aksis.core import model_config
-from aksis.model import GPT, save_checkpoint
-from aksis.tokenizer import train_tokenizer
+from aksis.model import GPT
 
 TINY = ["--preset", "tiny", "--device", "cpu", "--prompt-length", "8", "--max-new-tokens", "16"]
-
-
-def aksis_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    "Run the installed `aksis` script with `args`, capturing its output"
-    return subprocess.run(["aksis", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 SLOW_BF16 = "warning: bf16 runs"  # --precision bf16 on a CPU without fast bf16 (AVX2 only) says so
@@ -25,7 +20,7 @@ SLOW_BF16 = "warning: bf16 runs"  # --precision bf16 on a CPU without fast bf16 
 
 def bench_json(*args: str, cwd: Path | None = None) -> tuple[str, dict]:
     "Run `aksis benchmark-inference ... --json -`; the table it printed and the report on its last line"
-    result = aksis_cli("benchmark-inference", *args, "--json", "-", cwd=cwd)
+    result = run_aksis("benchmark-inference", *args, "--json", "-", cwd=cwd)
     assert result.returncode == 0, result.stderr
     allowed = SLOW_BF16 if "bf16" in args else None  # the only line stderr may hold
     assert all(line.startswith(str(allowed)) for line in result.stderr.splitlines()), result.stderr
@@ -36,14 +31,10 @@ def bench_json(*args: str, cwd: Path | None = None) -> tuple[str, dict]:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     "A tiny trained-shape checkpoint with its tokenizer, and a corrupt one beside it"
-    torch.manual_seed(0)
-    tokenizer = train_tokenizer(
-        ["The quick brown fox jumps over the lazy dog."] * 3, vocab_size=300
-    )
-    model = GPT(model_config("tiny", vocab_size=tokenizer.get_vocab_size()))
     directory = tmp_path_factory.mktemp("benchmark")
     (directory / "corrupt.pt").write_bytes(b"not a checkpoint")
-    return save_checkpoint(directory / "epoch_10.pt", model, tokenizer)
+    tiny_checkpoint(directory / "epoch_10.pt", ["The quick brown fox jumps over the lazy dog."] * 3)
+    return directory / "epoch_10.pt"
 
 
 def test_table_and_json_report():
@@ -74,7 +65,7 @@ def test_table_and_json_report():
 
 
 def test_json_file_and_checkpoint_prompt(checkpoint):
-    result = aksis_cli(
+    result = run_aksis(
         "benchmark-inference", "--checkpoint-path", str(checkpoint), "--prompt", "The quick brown fox",
         "--batch-size", "2", "--max-new-tokens", "8", "--num-runs", "2", "--device", "cpu",
         "--json", "report.json", cwd=checkpoint.parent,
@@ -99,12 +90,6 @@ def test_compare_transformers_same_tokens(extra):
     )
 
 
-def fails(result: subprocess.CompletedProcess, message: str) -> None:
-    "The command failed as a user's mistake should: status 2, one line on stderr that says `message`"
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
-
-
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -114,21 +99,23 @@ def fails(result: subprocess.CompletedProcess, message: str) -> None:
     ],
 )
 def test_bad_workload(argv, message):
-    fails(aksis_cli("benchmark-inference", *TINY, *argv), message)
+    assert_one_line_error(run_aksis("benchmark-inference", *TINY, *argv), message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_one():
-    fails(
-        aksis_cli("benchmark-inference", "--preset", "tiny", "--device", "cuda"), "no CUDA device"
+    assert_one_line_error(
+        run_aksis("benchmark-inference", "--preset", "tiny", "--device", "cuda"), "no CUDA device"
     )
 
 
 def test_missing_and_corrupt_checkpoint(checkpoint):
-    fails(aksis_cli("benchmark-inference", "--checkpoint-path", "missing.pt"), "not found")
+    assert_one_line_error(
+        run_aksis("benchmark-inference", "--checkpoint-path", "missing.pt"), "not found"
+    )
     corrupt = str(checkpoint.parent / "corrupt.pt")
-    fails(
-        aksis_cli("benchmark-inference", "--checkpoint-path", corrupt), "not a readable checkpoint"
+    assert_one_line_error(
+        run_aksis("benchmark-inference", "--checkpoint-path", corrupt), "not a readable checkpoint"
     )
 
 
@@ -139,7 +126,7 @@ def test_compare_without_transformers():
         [sys.executable, "-c", hide, "benchmark-inference", *TINY, "--compare", "transformers"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    fails(
+    assert_one_line_error(
         result, "--compare transformers needs Hugging Face transformers: pip install transformers"
     )
 

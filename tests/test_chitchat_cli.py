@@ -1,9 +1,7 @@
 "End-to-end runs on the built-in `chitchat` set, as a user would type them: pretraining on its text with the chat tokens, `load-data`, and chat fine-tuning on its conversations."
 
-import os
-import subprocess
-
 import pytest
+from conftest import run_aksis
 
 from aksis.finetune import CHAT_MEASURES
 from aksis.model import load_checkpoint
@@ -11,28 +9,10 @@ from aksis.tokenizer import SPECIAL_TOKENS, save_tokenizer
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    "A cache shared by the runs, so that the chit-chat's tokenizer and token streams are built once; one thread; no Hub"
-    return {
-        **os.environ,
-        "AKSIS_CACHE": str(tmp_path_factory.mktemp("cache")),
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-
-
-def aksis(*args, env, timeout=300):
-    "Run the installed `aksis` script"
-    return subprocess.run(
-        ["aksis", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
-
-
-@pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, env):
     "A tiny model trained for two steps on the chit-chat's text, with a tokenizer trained on it"
     ckpts = tmp_path_factory.mktemp("pretrained")
-    result = aksis("train-model", "--dataset", "chitchat", "--preset", "tiny", "--device", "cpu",
+    result = run_aksis("train-model", "--dataset", "chitchat", "--preset", "tiny", "--device", "cpu",
                    "--max-steps", "2", "--batch-size", "16", "--checkpoint-dir", str(ckpts),
                    env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -51,7 +31,7 @@ def test_train_model_learns_the_text_between_the_chat_tokens(pretrained):
 def test_load_data_shows_the_splits_and_the_chat_tokens(pretrained, tmp_path, env):
     "`load-data` with the pretrained model's tokenizer, whose token streams are cached: the splits, and windows with turns"
     tokenizer = save_tokenizer(load_checkpoint(pretrained).tokenizer, tmp_path / "tokenizer.json")
-    result = aksis("load-data", "--dataset", "chitchat", "--tokenizer-path", str(tokenizer),
+    result = run_aksis("load-data", "--dataset", "chitchat", "--tokenizer-path", str(tokenizer),
                    "--max-length", "64", "--batch-size", "2", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[2:5] if line}
@@ -62,7 +42,7 @@ def test_load_data_shows_the_splits_and_the_chat_tokens(pretrained, tmp_path, en
 
 def test_fine_tune_on_the_conversations(pretrained, tmp_path, env):
     "`fine-tune --dataset chitchat` is chat fine-tuning, and the checkpoint says so, with its chat evaluation at the end"
-    result = aksis("fine-tune", "--init-from", str(pretrained), "--dataset", "chitchat",
+    result = run_aksis("fine-tune", "--init-from", str(pretrained), "--dataset", "chitchat",
                    "--device", "cpu", "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "1",
                    "--eval-every", "2", "--precision", "fp32", "--checkpoint-dir", str(tmp_path),
                    env=env)  # fmt: skip
@@ -80,7 +60,7 @@ def test_fine_tune_on_the_conversations(pretrained, tmp_path, env):
 def test_eval_chat(pretrained, tmp_path, env):
     "`eval-chat` on a checkpoint never fine-tuned evaluates on chitchat's held-out conversations, and writes nothing"
     before = pretrained.read_bytes()
-    result = aksis("eval-chat", "--checkpoint-path", str(pretrained), "--prompts", "4",
+    result = run_aksis("eval-chat", "--checkpoint-path", str(pretrained), "--prompts", "4",
                    "--device", "cpu", env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{pretrained} on 4 held-out prompts of chitchat, seed 0:")

@@ -8,19 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_aksis, tiny_checkpoint
 
 import aksis
 from aksis import speed as aksis_speed
 from aksis.cli import COMMANDS, build_parser
 
 
-def aksis_cli(*args: str) -> subprocess.CompletedProcess:
-    "Run the installed `aksis` script with `args`, capturing its output"
-    return subprocess.run(["aksis", *args], capture_output=True, text=True, timeout=120)
-
-
 def test_help_lists_the_commands():
-    result = aksis_cli("--help")
+    result = run_aksis("--help")
     assert result.returncode == 0
     assert "usage: aksis" in result.stdout
     listed = re.findall(r"^ {4}(\S+)", result.stdout, re.MULTILINE)
@@ -33,6 +29,7 @@ def test_help_lists_the_commands():
         "chat-with-model",
         "train-model",
         "fine-tune",
+        "eval-chat",
         "benchmark-inference",
     ]
     assert sorted(listed) == sorted(commands)
@@ -41,13 +38,13 @@ def test_help_lists_the_commands():
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_has_help(name):
     "Each command's flags, generated ones included, make a valid parser and a help page"
-    result = aksis_cli(name, "--help")
+    result = run_aksis(name, "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: aksis {name}") and result.stderr == ""
 
 
 def test_version():
-    result = aksis_cli("--version")
+    result = run_aksis("--version")
     assert (result.returncode, result.stdout.strip()) == (0, f"aksis {aksis.__version__}")
 
 
@@ -56,27 +53,25 @@ def test_module_entry_point_matches_the_script():
         [sys.executable, "-m", "aksis.cli", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0
-    assert result.stdout == aksis_cli("--help").stdout
+    assert result.stdout == run_aksis("--help").stdout
 
 
 def test_unknown_command_is_a_one_line_error():
-    result = aksis_cli("fly-to-the-moon")
-    assert result.returncode == 2
+    result = run_aksis("fly-to-the-moon")
+    assert_one_line_error(result, "invalid choice: 'fly-to-the-moon'")
     assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "invalid choice: 'fly-to-the-moon'" in lines[0]
 
 
 def test_no_command_prints_help_and_fails():
-    result = aksis_cli()
+    result = run_aksis()
     assert result.returncode == 2
     assert "usage: aksis" in result.stdout
-    assert result.stdout == aksis_cli("--help").stdout
+    assert result.stdout == run_aksis("--help").stdout
 
 
 def test_info_reports_the_default_device_and_precision(tmp_path):
     env = {**os.environ, "AKSIS_CACHE": str(tmp_path)}  # where the CPU probe is cached
-    result = subprocess.run(["aksis", "info"], capture_output=True, text=True, env=env, timeout=120)
+    result = run_aksis("info", env=env)
     assert result.returncode == 0, result.stderr
     assert "default device: cpu" in result.stdout or "default device: cuda" in result.stdout
     # the choice and its reason: the measured speeds, where they are cached
@@ -141,7 +136,7 @@ def test_every_training_setting_has_a_flag_with_its_default():
     assert set(options) == {"--preset", "--resume", "--mixed-precision", "--no-mixed-precision"}
     # a flag left out is not parsed at all, so that a recipe or a resumed run supplies it
     assert vars(build_parser().parse_args(["train-model"])) == {"command": "train-model"}
-    help = aksis_cli("train-model", "--help").stdout
+    help = run_aksis("train-model", "--help").stdout
     for flag in [
         "--weight-decay",
         "--grad-clip",
@@ -185,16 +180,8 @@ def test_spec_flags_and_defaults():
 
 def test_tokenize_does_not_import_training(tmp_path):
     "`aksis tokenize --checkpoint-path` reads the checkpoint's tokenizer without the training machinery"
-    import torch
-
-    from aksis.core import model_config
-    from aksis.model import GPT, save_checkpoint
-    from aksis.tokenizer import train_tokenizer
-
-    tokenizer = train_tokenizer(["Hello, world! " * 20], vocab_size=280)
-    torch.manual_seed(0)
-    model = GPT(model_config("tiny", vocab_size=tokenizer.get_vocab_size()))
-    checkpoint = save_checkpoint(tmp_path / "tiny.pt", model, tokenizer)
+    checkpoint = tmp_path / "tiny.pt"
+    tiny_checkpoint(checkpoint, ["Hello, world! " * 20], vocab_size=280)
     code = (
         "import sys, aksis.cli\n"
         f"status = aksis.cli.main(['tokenize', '--text', 'Hello', '--checkpoint-path', {str(checkpoint)!r}])\n"

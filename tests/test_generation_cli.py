@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_aksis, tiny_checkpoint
 
-from aksis.core import model_config
 from aksis.generation import load_for_inference
-from aksis.model import GPT, save_checkpoint
-from aksis.tokenizer import train_tokenizer
-
-
-def aksis_cli(*args: str, stdin: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    "Run the installed `aksis` script with `args`, typing `stdin`, capturing its output"
-    return subprocess.run(
-        ["aksis", *args], input=stdin, capture_output=True, text=True, timeout=120, cwd=cwd
-    )
+from aksis.model import save_checkpoint
 
 
 def readme(command: str, cwd: Path, stdin: str = "", seed: int = 0) -> subprocess.CompletedProcess:
@@ -38,13 +30,9 @@ def readme(command: str, cwd: Path, stdin: str = "", seed: int = 0) -> subproces
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     "A directory with a tiny checkpoint at ./checkpoints/epoch_10.pt, where the README's examples look for it"
-    torch.manual_seed(0)
-    tokenizer = train_tokenizer(
-        ["Once upon a time, the meaning of life was a tiny model."] * 3, vocab_size=300
-    )
-    model = GPT(model_config("tiny", vocab_size=tokenizer.get_vocab_size(), max_seq_len=256))
     directory = tmp_path_factory.mktemp("generation")
-    save_checkpoint(directory / "checkpoints" / "epoch_10.pt", model, tokenizer)
+    texts = ["Once upon a time, the meaning of life was a tiny model."] * 3
+    tiny_checkpoint(directory / "checkpoints" / "epoch_10.pt", texts, max_seq_len=256)
     return directory
 
 
@@ -80,13 +68,6 @@ def start_chat(*flags: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
-    assert result.returncode == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
 
 
 # The README's examples, as written.
@@ -173,7 +154,7 @@ def test_sampling_is_reproducible(workdir):
     ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
     texts = {
         seed: [
-            aksis_cli(
+            run_aksis(
                 "generate-text",
                 "--checkpoint-path",
                 ckpt,
@@ -198,7 +179,7 @@ def test_chat_commands(workdir):
     ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
     saved = workdir / "saved.json"
     typed = f"Hello\n/save {saved}\n/reset\n/save\n/quit\nnever read\n"
-    result = aksis_cli("chat-with-model", "--checkpoint-path", ckpt, "--seed", "0", stdin=typed)
+    result = run_aksis("chat-with-model", "--checkpoint-path", ckpt, "--seed", "0", stdin=typed)
     assert result.returncode == 0, result.stderr
     assert f"(saved to {saved})" in result.stdout and "(conversation cleared)" in result.stdout
     assert "(error: no file to save to" in result.stdout
@@ -210,7 +191,7 @@ def test_context_file_is_resumed_and_rewritten(workdir):
     ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
     history = workdir / "resume.json"
     for n in (1, 2):
-        result = aksis_cli(
+        result = run_aksis(
             "chat-with-model",
             "--checkpoint-path",
             ckpt,
@@ -247,7 +228,7 @@ def test_bad_context_file_is_an_error_and_left_untouched(workdir, contents, mess
     history = workdir / "bad.json"
     history.write_text(contents)
     ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model",
         "--checkpoint-path",
         ckpt,
@@ -296,7 +277,7 @@ def test_bad_input_is_a_one_line_error(workdir, command, flags, message):
     base = ["--checkpoint-path", "checkpoints/epoch_10.pt"] + (
         ["--prompt", "Once"] if command == "generate-text" else []
     )
-    result = aksis_cli(command, *base, *flags, cwd=workdir, stdin="Hello\n")
+    result = run_aksis(command, *base, *flags, cwd=workdir, stdin="Hello\n")
     assert_one_line_error(result, message)
     assert result.stdout == ""
 
@@ -304,7 +285,7 @@ def test_bad_input_is_a_one_line_error(workdir, command, flags, message):
 def test_lookahead_gives_the_same_text(workdir):
     ckpt = str(workdir / "checkpoints" / "epoch_10.pt")
     texts = [
-        aksis_cli(
+        run_aksis(
             "generate-text",
             "--checkpoint-path",
             ckpt,
@@ -332,12 +313,12 @@ def test_16_bit_generation(workdir, tmp_path, monkeypatch):
     prompt = ["--checkpoint-path", str(ckpt), "--prompt", "Once", "--device", "cpu", "--seed", "0"]
     texts = {}
     for flags in (["--precision", "bf16"], ["--mixed-precision"], ["--no-mixed-precision"], []):
-        result = aksis_cli("generate-text", *prompt, *flags)
+        result = run_aksis("generate-text", *prompt, *flags)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith("Once") and len(result.stdout) > len("Once\n")
         texts[" ".join(flags)] = result.stdout
     assert texts["--no-mixed-precision"] == texts[""]  # fp32, the default
-    result = aksis_cli("generate-text", *prompt, "--precision", "fp8")
+    result = run_aksis("generate-text", *prompt, "--precision", "fp8")
     assert result.returncode == 2 and "invalid choice: 'fp8'" in result.stderr
 
 
@@ -374,7 +355,7 @@ def test_inference_does_not_import_training(workdir):
 
 
 def test_over_long_system_prompt_is_refused_at_the_start(workdir):
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model",
         "--checkpoint-path",
         "checkpoints/epoch_10.pt",
@@ -394,7 +375,7 @@ def test_a_context_file_is_held_by_one_chat(workdir):
     try:
         read_until(first, "you> ")
         assert lock.read_text() == str(first.pid)
-        second = aksis_cli(
+        second = run_aksis(
             "chat-with-model",
             "--checkpoint-path",
             ckpt,
@@ -416,7 +397,7 @@ def test_a_stale_lock_is_taken_over(workdir):
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True
     )
     lock.write_text(ended.stdout.decode().strip())  # left by a chat killed outright
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model",
         "--checkpoint-path",
         str(workdir / "checkpoints" / "epoch_10.pt"),
@@ -434,7 +415,7 @@ def test_a_read_only_context_file_is_refused(workdir):
     history = workdir / "read_only.json"
     history.write_text('{"format": "aksis-chat", "version": 1, "messages": []}')
     history.chmod(0o444)
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model",
         "--checkpoint-path",
         str(workdir / "checkpoints" / "epoch_10.pt"),
@@ -449,7 +430,7 @@ def test_a_read_only_context_file_is_refused(workdir):
 def test_chat_notes_a_model_never_fine_tuned_for_chat(workdir):
     "A pretrained-only checkpoint gets a one-line notice suggesting `aksis fine-tune`; a chat fine-tuned one does not"
     ckpt = workdir / "checkpoints" / "epoch_10.pt"
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model", "--checkpoint-path", str(ckpt), "--seed", "0", stdin="/quit\n"
     )
     assert result.returncode == 0, result.stderr
@@ -458,7 +439,7 @@ def test_chat_notes_a_model_never_fine_tuned_for_chat(workdir):
     tuned = load_for_inference(ckpt, "cpu")
     save_checkpoint(workdir / "tuned.pt", tuned.model, tuned.tokenizer,
                     info={"fine_tuned": {"task": "chat"}})  # fmt: skip
-    result = aksis_cli(
+    result = run_aksis(
         "chat-with-model", "--checkpoint-path", str(workdir / "tuned.pt"), stdin="/quit\n"
     )
     assert result.returncode == 0, result.stderr

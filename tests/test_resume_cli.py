@@ -1,6 +1,5 @@
 "Resuming a run as users type it: the command that started it, with `--resume` added."
 
-import os
 import shutil
 import signal
 import subprocess
@@ -8,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_aksis
 
 from aksis.model import load_checkpoint
 
@@ -19,47 +19,22 @@ VERSE = (
 COMMAND = ["train-model", "--dataset", "sonnets.txt", "--preset", "tiny", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    "One Aksis cache for the module, so the tokenizer is trained once"
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.fixture
-def workdir(tmp_path, cache) -> Path:
+def workdir(tmp_path) -> Path:
     "A directory holding the corpus, where the runs start, as a user's project would"
     (tmp_path / "sonnets.txt").write_text(VERSE * 80)
     return tmp_path
-
-
-def env(cache: Path) -> dict[str, str]:
-    return {**os.environ, "AKSIS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-
-
-def aksis(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    "Run the installed `aksis` script in `cwd`"
-    return subprocess.run(
-        ["aksis", *args], capture_output=True, text=True, cwd=cwd, env=env(cache), timeout=300
-    )
 
 
 def step(path: Path) -> int:
     return load_checkpoint(path).train_state["step"]
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("aksis train-model: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def test_the_same_command_with_resume_continues_an_interrupted_run(workdir, cache):
+def test_the_same_command_with_resume_continues_an_interrupted_run(workdir, env):
     "Ctrl-C, then the README's command with `--resume checkpoints/latest.pt` appended"
     command = [*COMMAND, "--max-steps", "40", "--eval-every", "2"]
     run = subprocess.Popen(
-        ["aksis", *command], cwd=workdir, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["aksis", *command], cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )  # fmt: skip
     latest, deadline = workdir / "checkpoints" / "latest.pt", time.monotonic() + 240
     while run.poll() is None and not latest.exists() and time.monotonic() < deadline:
@@ -68,37 +43,37 @@ def test_the_same_command_with_resume_continues_an_interrupted_run(workdir, cach
     out, err = run.communicate(timeout=240)
     assert run.returncode in (0, 130), err  # 0: it finished before the Ctrl-C
     stopped_at = step(latest)
-    result = aksis(*command, "--resume", "checkpoints/latest.pt", cwd=workdir, cache=cache)
+    result = run_aksis(*command, "--resume", "checkpoints/latest.pt", cwd=workdir, env=env)
     assert result.returncode == 0, result.stderr
     assert step(latest) == 40 and stopped_at <= 40
     assert f"steps {stopped_at + 1}-40 of 40" in result.stdout or stopped_at == 40, result.stdout
 
 
-def test_bare_resume_continues_from_latest_in_the_checkpoint_dir(workdir, cache):
-    result = aksis(*COMMAND, "--max-steps", "2", cwd=workdir, cache=cache)
+def test_bare_resume_continues_from_latest_in_the_checkpoint_dir(workdir, env):
+    result = run_aksis(*COMMAND, "--max-steps", "2", cwd=workdir, env=env)
     assert result.returncode == 0, result.stderr
-    result = aksis("train-model", "--resume", "--max-steps", "3", cwd=workdir, cache=cache)
+    result = run_aksis("train-model", "--resume", "--max-steps", "3", cwd=workdir, env=env)
     assert result.returncode == 0, result.stderr
     assert step(workdir / "checkpoints" / "latest.pt") == 3
     # the same with another --checkpoint-dir: its latest.pt
     shutil.move(workdir / "checkpoints", workdir / "run1")
-    result = aksis("train-model", "--checkpoint-dir", "run1", "--resume", "--max-steps", "4", cwd=workdir, cache=cache)  # fmt: skip
+    result = run_aksis("train-model", "--checkpoint-dir", "run1", "--resume", "--max-steps", "4", cwd=workdir, env=env)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert step(workdir / "run1" / "latest.pt") == 4
     assert not (workdir / "checkpoints").exists()
     # and with nothing to continue, the error names the file it looked for
-    result = aksis(*COMMAND, "--resume", cwd=workdir, cache=cache)
-    assert_one_line_error(result, "checkpoints/latest.pt")
+    result = run_aksis(*COMMAND, "--resume", cwd=workdir, env=env)
+    assert_one_line_error(result, "checkpoints/latest.pt", command="train-model")
 
 
-def test_flags_that_contradict_the_checkpoint_are_refused_by_name(workdir, cache):
-    result = aksis(*COMMAND, "--max-steps", "2", cwd=workdir, cache=cache)
+def test_flags_that_contradict_the_checkpoint_are_refused_by_name(workdir, env):
+    result = run_aksis(*COMMAND, "--max-steps", "2", cwd=workdir, env=env)
     assert result.returncode == 0, result.stderr
     for flags, name in [
         (["--preset", "shakespeare"], "n_layer=2 (not 4)"),  # the shape it names
         (["--n-layer", "3"], "n_layer=2 (not 3)"),
         (["--dataset", "other.txt"], "dataset"),
     ]:
-        result = aksis(*COMMAND, *flags, "--resume", cwd=workdir, cache=cache)
-        assert_one_line_error(result, name)
+        result = run_aksis(*COMMAND, *flags, "--resume", cwd=workdir, env=env)
+        assert_one_line_error(result, name, command="train-model")
     assert step(workdir / "checkpoints" / "latest.pt") == 2  # untouched

@@ -3,7 +3,6 @@
 import contextlib
 import io
 import json
-import os
 import queue
 import shutil
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error, run_aksis
 
 from aksis.cli import main
 from aksis.model import load_checkpoint
@@ -27,27 +27,10 @@ VERSE = (
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    "The environment of the runs: a shared cache, so each tokenizer is trained once"
-    return {
-        **os.environ,
-        "AKSIS_CACHE": str(tmp_path_factory.mktemp("cache")),
-        "OMP_NUM_THREADS": "1",
-    }
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sonnets.txt"
     path.write_text(VERSE * 80)
     return path
-
-
-def aksis(*args, env, timeout=180):
-    "Run the installed `aksis` script"
-    return subprocess.run(
-        ["aksis", *args], capture_output=True, text=True, env=env, timeout=timeout
-    )
 
 
 def tiny(corpus, ckpts, *extra):
@@ -61,16 +44,9 @@ def losses(path):
     return state["history"]["loss"], state["history"]["val_loss"]
 
 
-def assert_one_line_error(result, message):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_train_resume_and_files(corpus, tmp_path, env):
     ckpts = tmp_path / "checkpoints"
-    result = aksis(*tiny(corpus, ckpts, "--epochs", "2", "--eval-every", "3"), env=env)
+    result = run_aksis(*tiny(corpus, ckpts, "--epochs", "2", "--eval-every", "3"), env=env)
     assert result.returncode == 0, result.stderr
     assert "step 3/" in result.stdout and "bits/char" in result.stdout, result.stdout
     names = {p.name for p in ckpts.iterdir()}
@@ -80,7 +56,9 @@ def test_train_resume_and_files(corpus, tmp_path, env):
     assert checkpoint.train_state["epoch"] == 2 and not checkpoint.model.training
     steps = checkpoint.train_state["step"]
     # --resume continues the run with its own settings; --epochs extends it
-    result = aksis("train-model", "--resume", str(ckpts / "latest.pt"), "--epochs", "3", env=env)
+    result = run_aksis(
+        "train-model", "--resume", str(ckpts / "latest.pt"), "--epochs", "3", env=env
+    )
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(ckpts / "latest.pt").train_state["step"] == steps * 3 // 2
     assert (ckpts / "epoch_3.pt").exists()
@@ -88,7 +66,7 @@ def test_train_resume_and_files(corpus, tmp_path, env):
 
 def test_spec_example_flags(tmp_path, env):
     "The README's example flags, on the bundled Shakespeare (shrunk by --preset tiny and --max-steps)"
-    result = aksis("train-model", "--dataset", "shakespeare", "--batch-size", "32", "--learning-rate", "5e-5",
+    result = run_aksis("train-model", "--dataset", "shakespeare", "--batch-size", "32", "--learning-rate", "5e-5",
                    "--mixed-precision", "--preset", "tiny", "--max-steps", "2",
                    "--checkpoint-dir", str(tmp_path / "ckpts"), env=env, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -126,7 +104,7 @@ def test_ctrl_c_saves_and_resumes_exactly(corpus, tmp_path, env):
     "Progress reaches a pipe as it happens, without PYTHONUNBUFFERED; Ctrl-C saves and resumes exactly"
     env = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}
     run = ["--max-steps", "60", "--eval-every", "10", "--dropout", "0.1"]
-    full = aksis(*tiny(corpus, tmp_path / "full", *run), env=env)
+    full = run_aksis(*tiny(corpus, tmp_path / "full", *run), env=env)
     assert full.returncode == 0, full.stderr
     with open(tmp_path / "stderr.txt", "w+") as stderr:
         process = subprocess.Popen(["aksis", *tiny(corpus, tmp_path / "cut", *run)], env=env,
@@ -148,7 +126,7 @@ def test_ctrl_c_saves_and_resumes_exactly(corpus, tmp_path, env):
     )
     step = load_checkpoint(tmp_path / "cut" / "latest.pt").train_state["step"]
     assert 10 <= step < 60
-    result = aksis("train-model", "--resume", str(tmp_path / "cut" / "latest.pt"), env=env)
+    result = run_aksis("train-model", "--resume", str(tmp_path / "cut" / "latest.pt"), env=env)
     assert result.returncode == 0, result.stderr
     resumed, expected = (
         losses(tmp_path / "cut" / "latest.pt"),
@@ -158,7 +136,7 @@ def test_ctrl_c_saves_and_resumes_exactly(corpus, tmp_path, env):
 
 
 def test_progress_lines_without_a_terminal(corpus, tmp_path, env):
-    result = aksis(*tiny(corpus, tmp_path / "ckpts", "--max-steps", "20"), env=env)
+    result = run_aksis(*tiny(corpus, tmp_path / "ckpts", "--max-steps", "20"), env=env)
     assert result.returncode == 0, result.stderr
     progress = [line for line in result.stdout.splitlines() if "tokens/s, ETA" in line]
     assert [line.split(":")[0] for line in progress] == ["step 10/20", "step 20/20"], result.stdout
@@ -169,7 +147,7 @@ def test_progress_lines_without_a_terminal(corpus, tmp_path, env):
 def trained(corpus, tmp_path_factory, env):
     "A finished tiny run, for the bad-input tests to resume or damage"
     ckpts = tmp_path_factory.mktemp("trained")
-    result = aksis(*tiny(corpus, ckpts, "--max-steps", "2"), env=env)
+    result = run_aksis(*tiny(corpus, ckpts, "--max-steps", "2"), env=env)
     assert result.returncode == 0, result.stderr
     return ckpts
 
@@ -194,7 +172,7 @@ def test_bad_input_is_one_line_and_writes_nothing(flags, message, corpus, tmp_pa
     base = (
         ["--dataset", str(corpus)] if "--dataset" not in flags and "--resume" not in flags else []
     )
-    result = aksis(
+    result = run_aksis(
         "train-model", *base, *args, "--checkpoint-dir", str(ckpts), "--max-steps", "1", env=env
     )
     assert_one_line_error(result, message)
@@ -203,21 +181,21 @@ def test_bad_input_is_one_line_and_writes_nothing(flags, message, corpus, tmp_pa
 
 def test_incompatible_or_corrupt_checkpoint(trained, tmp_path, env):
     before = (trained / "latest.pt").read_bytes()
-    result = aksis(
+    result = run_aksis(
         "train-model", "--resume", str(trained / "latest.pt"), "--d-model", "128", env=env
     )
     assert_one_line_error(result, "d_model=64 (not 128)")
-    result = aksis(
+    result = run_aksis(
         "train-model", "--resume", str(trained / "latest.pt"), "--preset", "shakespeare", env=env
     )
     assert_one_line_error(result, "n_layer=2 (not 4), n_head=2 (not 4), d_model=64 (not 256)")
     (tmp_path / "half.pt").write_bytes(before[: len(before) // 2])
-    result = aksis("train-model", "--resume", str(tmp_path / "half.pt"), env=env)
+    result = run_aksis("train-model", "--resume", str(tmp_path / "half.pt"), env=env)
     assert_one_line_error(result, "not a readable checkpoint")
     state = torch.load(trained / "latest.pt", weights_only=True)
     state["config"]["n_layer"] = 5
     torch.save(state, tmp_path / "mismatch.pt")
-    result = aksis("train-model", "--resume", str(tmp_path / "mismatch.pt"), env=env)
+    result = run_aksis("train-model", "--resume", str(tmp_path / "mismatch.pt"), env=env)
     assert_one_line_error(result, "incompatible with its config")
     assert (trained / "latest.pt").read_bytes() == before
 
@@ -226,7 +204,7 @@ def test_resume_as_users_type_it(corpus, trained, tmp_path, env):
     "The command that started a run, with --resume added, continues it"
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(trained, ckpts)
-    result = aksis(
+    result = run_aksis(
         *tiny(corpus, ckpts, "--resume", str(ckpts / "latest.pt"), "--max-steps", "3"), env=env
     )
     assert result.returncode == 0, result.stderr
@@ -239,7 +217,9 @@ def test_resume_goes_on_beside_its_checkpoint(trained, tmp_path, env):
     moved = tmp_path / "moved"
     shutil.copytree(trained, moved)
     before = (trained / "latest.pt").read_bytes()
-    result = aksis("train-model", "--resume", str(moved / "latest.pt"), "--max-steps", "3", env=env)
+    result = run_aksis(
+        "train-model", "--resume", str(moved / "latest.pt"), "--max-steps", "3", env=env
+    )
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(moved / "latest.pt").train_state["step"] == 3
     assert (trained / "latest.pt").read_bytes() == before
@@ -257,7 +237,7 @@ def test_resume_a_run_saved_before_precision_had_a_name(
     ckpts.mkdir()
     torch.save(checkpoint, ckpts / "latest.pt")
     resume = ["--resume", str(ckpts / "latest.pt"), "--checkpoint-dir", str(ckpts)]
-    result = aksis("train-model", *resume, "--max-steps", "3", env=env)
+    result = run_aksis("train-model", *resume, "--max-steps", "3", env=env)
     assert result.returncode == 0, result.stderr
     state = load_checkpoint(ckpts / "latest.pt").train_state
     assert (state["step"], state["config"]["precision"]) == (3, precision)
@@ -276,7 +256,7 @@ def test_damaged_training_state_is_one_line(damage, message, trained, tmp_path, 
     damage(checkpoint["train_state"])
     torch.save(checkpoint, tmp_path / "damaged.pt")
     assert_one_line_error(
-        aksis("train-model", "--resume", str(tmp_path / "damaged.pt"), env=env), message
+        run_aksis("train-model", "--resume", str(tmp_path / "damaged.pt"), env=env), message
     )
 
 
@@ -296,27 +276,31 @@ def test_bad_numbers_are_one_line_and_write_nothing(flags, message, corpus, tmp_
     short = tmp_path / "short.txt"
     short.write_text(VERSE * 4)
     dataset = short if "--max-seq-len" in flags else corpus
-    result = aksis(*tiny(dataset, ckpts, *flags), env=env)
+    result = run_aksis(*tiny(dataset, ckpts, *flags), env=env)
     assert_one_line_error(result, message)
     assert not ckpts.exists()
 
 
 def test_an_existing_run_is_not_replaced(corpus, trained, env):
     before = (trained / "best.pt").read_bytes()
-    result = aksis(*tiny(corpus, trained, "--max-steps", "1"), env=env)
+    result = run_aksis(*tiny(corpus, trained, "--max-steps", "1"), env=env)
     assert_one_line_error(result, f"continue it with --resume {trained / 'latest.pt'}")
     assert (trained / "best.pt").read_bytes() == before
 
 
 def test_checkpoint_dir_that_cannot_be_one(corpus, tmp_path, env):
-    assert_one_line_error(aksis(*tiny(corpus, corpus, "--max-steps", "1"), env=env), "is a file")
-    result = aksis(*tiny(corpus, corpus / "checkpoints", "--max-steps", "1"), env=env)
+    assert_one_line_error(
+        run_aksis(*tiny(corpus, corpus, "--max-steps", "1"), env=env), "is a file"
+    )
+    result = run_aksis(*tiny(corpus, corpus / "checkpoints", "--max-steps", "1"), env=env)
     assert_one_line_error(result, "cannot create --checkpoint-dir")
 
 
 def test_divergence_stops_without_saving_it(corpus, tmp_path, env):
     ckpts = tmp_path / "checkpoints"
-    result = aksis(*tiny(corpus, ckpts, "--learning-rate", "1e30", "--eval-every", "1"), env=env)
+    result = run_aksis(
+        *tiny(corpus, ckpts, "--learning-rate", "1e30", "--eval-every", "1"), env=env
+    )
     assert_one_line_error(result, "training diverged at step")
     for path in ckpts.glob("*.pt"):
         assert all(p.isfinite().all() for p in load_checkpoint(path).model.parameters()), path
@@ -376,7 +360,7 @@ def test_wandb_missing_is_one_line(corpus, tmp_path, monkeypatch, env):
 def test_wandb_offline(corpus, tmp_path, env):
     pytest.importorskip("wandb")
     ckpts = tmp_path / "ckpts"
-    result = aksis(
+    result = run_aksis(
         *tiny(corpus, ckpts, "--max-steps", "2", "--wandb"), env={**env, "WANDB_MODE": "offline"}
     )
     assert result.returncode == 0, result.stderr
@@ -386,7 +370,7 @@ def test_wandb_offline(corpus, tmp_path, env):
 def test_ddp_matches_one_process(corpus, tmp_path, env):
     "Two gloo processes with 2 sequences each take the same steps as one process with 4"
     run = ["--max-steps", "4", "--eval-every", "2", "--dropout", "0", "--seed", "3"]
-    single = aksis(*tiny(corpus, tmp_path / "one", *run, "--batch-size", "4"), env=env)
+    single = run_aksis(*tiny(corpus, tmp_path / "one", *run, "--batch-size", "4"), env=env)
     assert single.returncode == 0, single.stderr
     torchrun = Path(sys.executable).parent / "torchrun"
     ddp = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "aksis.cli",
