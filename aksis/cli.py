@@ -146,6 +146,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    "Help that adds a flag's default where there is one to show: not None, not a required flag's, not twice"
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The `aksis` argument parser, with one subparser per registered command"
     parser = _Parser(
@@ -159,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=cmd.help,
             description=cmd.help,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
             command=cmd,
         )
     return parser

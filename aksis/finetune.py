@@ -544,9 +544,7 @@ def held_out_exchanges(
 # %% ../nbs/08_finetune.ipynb #dbcd8d72
 def answer_loss(
     model: nn.Module,  # A model (unwrapped) that gives `(logits, _)`
-    examples: Sequence[
-        tuple[list[int], list[bool]]
-    ],  # `(ids, mask)` pairs, the mask on what is scored
+    examples: Sequence[tuple[list[int], list[bool]]],  # `(ids, mask)`, the mask on what is scored
     pad_id: int,  # The padding token's id
     batch_size: int = 32,  # Examples per forward pass
 ) -> float:

@@ -63,9 +63,7 @@ class CpuSpeed:
 
     fp32_gflops: float  # A 256×256 product on one thread, in fp32
     bf16_gflops: float  # The same product in bf16
-    one_row_gbps: (
-        "dict[Kernel, float]"  # GB/s of weights a one-row product reads, by kernel (0: fails)
-    )
+    one_row_gbps: "dict[Kernel, float]"  # GB/s of weights one row's product reads (0: fails)
     many_row_gbps: "dict[Kernel, float]"  # The same for eight rows
     fp16_row_gbps: float  # The same for fp16 weights through ATen (which sums in fp32)
     capability: str  # `torch.backends.cpu.get_cpu_capability()`, such as `AVX2` or `AVX512`
