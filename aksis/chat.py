@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastcore.basics import patch
 from tokenizers import Tokenizer
 
 from .core import AksisError, atomic_path, process_alive
@@ -238,10 +237,6 @@ _C = TypeVar("_C", bound="Conversation")
 class Conversation:
     "Messages, an optional system prompt first, and the JSON file they live in, if any, held by this conversation alone"
 
-    # added below by `@patch` (declared here for type checkers)
-    reset: Callable[[], None]
-    save: Callable[..., Path]
-
     def __init__(
         self,
         context_file: str | Path | None = None,  # JSON file loaded if present, written every turn
@@ -285,35 +280,27 @@ class Conversation:
     def __exit__(self, *exception: object) -> None:
         self.close()
 
-# %% ../nbs/07_chat.ipynb #3326817a
-@patch
-def save(
-    self: Conversation,
-    path: str | Path | None = None,  # Where to write (default: the context file)
-) -> Path:
-    "Write the conversation as JSON"
-    target = path or self.context_file
-    if target is None:
-        raise AksisError(
-            "no file to save to: give a path (/save PATH) or start with --context-file"
-        )
-    return save_conversation(self.messages, target)
+    def save(
+        self,
+        path: str | Path | None = None,  # Where to write (default: the context file)
+    ) -> Path:
+        "Write the conversation as JSON"
+        target = path or self.context_file
+        if target is None:
+            raise AksisError(
+                "no file to save to: give a path (/save PATH) or start with --context-file"
+            )
+        return save_conversation(self.messages, target)
 
-
-@patch
-def reset(self: Conversation) -> None:
-    "Forget everything but the system prompt (and write the context file, if any)"
-    self.messages = [m for m in self.messages if m.role == "system"]
-    if self.context_file:
-        self.save()
+    def reset(self) -> None:
+        "Forget everything but the system prompt (and write the context file, if any)"
+        self.messages = [m for m in self.messages if m.role == "system"]
+        if self.context_file:
+            self.save()
 
 # %% ../nbs/07_chat.ipynb #2c7abeb0
 class Chat(Conversation):
     "A conversation with a model: its messages, its generation settings, and the JSON file it lives in, if any"
-
-    # added below by `@patch` (declared here for type checkers)
-    send: Callable[[str], Iterator[str]]
-    reply: Callable[[str], str]
 
     def __init__(
         self,
@@ -374,35 +361,31 @@ class Chat(Conversation):
             self.model.config.max_seq_len, self.config.max_new_tokens, self.context_length
         )
 
-# %% ../nbs/07_chat.ipynb #cadc5e34
-@patch
-def send(
-    self: Chat,
-    text: str,  # The user's message
-) -> Iterator[str]:
-    "Add the user's message and stream the assistant's reply, which joins the conversation when it ends"
-    if not text.strip():
-        raise AksisError("the message is empty: type something to say")
-    prompt = build_prompt(self.tokenizer, [*self.messages, Message("user", text)], self.budget)
-    self.messages.append(Message("user", text))
-    reply = []
-    try:
-        for piece in stream(self.model, self.tokenizer, prompt, self.config):
-            reply.append(piece)
-            yield piece
-    finally:
-        self.messages.append(Message("assistant", "".join(reply).strip()))
-        if self.context_file:
-            self.save()
+    def send(
+        self,
+        text: str,  # The user's message
+    ) -> Iterator[str]:
+        "Add the user's message and stream the assistant's reply, which joins the conversation when it ends"
+        if not text.strip():
+            raise AksisError("the message is empty: type something to say")
+        prompt = build_prompt(self.tokenizer, [*self.messages, Message("user", text)], self.budget)
+        self.messages.append(Message("user", text))
+        reply = []
+        try:
+            for piece in stream(self.model, self.tokenizer, prompt, self.config):
+                reply.append(piece)
+                yield piece
+        finally:
+            self.messages.append(Message("assistant", "".join(reply).strip()))
+            if self.context_file:
+                self.save()
 
-
-@patch
-def reply(
-    self: Chat,
-    text: str,  # The user's message
-) -> str:
-    "Add the user's message and return the assistant's whole reply"
-    return "".join(self.send(text)).strip()
+    def reply(
+        self,
+        text: str,  # The user's message
+    ) -> str:
+        "Add the user's message and return the assistant's whole reply"
+        return "".join(self.send(text)).strip()
 
 # %% ../nbs/07_chat.ipynb #c4a7n0t2
 WELL_FORMED_TARGET = 0.95  # the share of well-formed replies below which the chat warns

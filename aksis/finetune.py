@@ -15,7 +15,7 @@ __all__ = ['IDENTITY', 'FINE_TUNE_DEFAULTS', 'IDENTITY_PROBES', 'RECALL_PEOPLE',
 # %% ../nbs/08_finetune.ipynb #b0b3b162
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastcore.basics import patch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
@@ -359,8 +358,6 @@ class ChatData:
             for split, s in self.summary.items()
         )
 
-    evaluate: Callable[..., dict[str, float]]  # added below by `@patch`
-
     def steps_per_epoch(
         self,
         per_step: int,  # Windows per optimizer step, in all processes and micro-batches
@@ -384,24 +381,22 @@ class ChatData:
         for start in range(skip_batches * batch_size, len(order) - batch_size + 1, batch_size):
             yield collate([self.train[i] for i in order[start : start + batch_size]], self.pad_id)
 
-# %% ../nbs/08_finetune.ipynb #175f40dc
-@patch
-@torch.no_grad()
-def evaluate(
-    self: ChatData,
-    model: nn.Module,  # The model (a DDP or compiled wrapper is unwrapped)
-    batch_size: int = 32,  # Windows per forward pass
-    precision: Precision | None = None,  # Autocast settings (default: fp32)
-) -> dict[str, float]:
-    "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
-    rank, world_size = rank_and_world_size()
-    step = world_size * batch_size
-    batches = (
-        collate(self.validation[start : start + batch_size], self.pad_id)
-        for start in range(rank * batch_size, len(self.validation), step)
-    )
-    characters = sum(_characters(self.tokenizer, ids, mask) for ids, mask in self.validation)
-    return validation_metrics(unwrap_model(model), batches, characters, precision)
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: nn.Module,  # The model (a DDP or compiled wrapper is unwrapped)
+        batch_size: int = 32,  # Windows per forward pass
+        precision: Precision | None = None,  # Autocast settings (default: fp32)
+    ) -> dict[str, float]:
+        "Validation loss on the assistant's tokens (nats per token), its perplexity, and bits per character"
+        rank, world_size = rank_and_world_size()
+        step = world_size * batch_size
+        batches = (
+            collate(self.validation[start : start + batch_size], self.pad_id)
+            for start in range(rank * batch_size, len(self.validation), step)
+        )
+        characters = sum(_characters(self.tokenizer, ids, mask) for ids, mask in self.validation)
+        return validation_metrics(unwrap_model(model), batches, characters, precision)
 
 
 def _characters(tokenizer: Tokenizer, ids: list[int], mask: list[bool]) -> int:
