@@ -120,7 +120,7 @@ def build_prompt(
 def parse_messages(
     messages: Any,  # A parsed JSON value: a list of `{"role": ..., "content": ...}` objects
     where: str,  # Names the list in errors, e.g. a file, or a file and its line
-) -> list[Message]:
+) -> "list[Message]":
     "The `Message`s of a parsed JSON list, a system message only first; else a one-line `AksisError` naming `where`"
     if not isinstance(messages, list):
         raise AksisError(f"{where}: the messages are not a list")
