@@ -398,7 +398,7 @@ def chat_notice(
     "A one-line notice that the checkpoint was never fine-tuned for chat, or that its replies were often ill-formed; None if neither"
     tuned = info.get("fine_tuned", {})
     if tuned.get("task") != "chat":
-        return f"(this model was never fine-tuned for chat, so it may continue the text instead of answering; `aksis fine-tune --init-from {checkpoint_path} --dataset shakespeare-chat` teaches it to)"
+        return f"(this model was never fine-tuned for chat, so it may continue the text instead of answering; `aksis fine-tune --init-from {checkpoint_path} --dataset chitchat` teaches it to)"
     rate = tuned.get("evaluation", {}).get("well_formed")
     if rate is not None and rate < WELL_FORMED_TARGET:
         return f"(only {rate:.0%} of this model's replies to held-out prompts were well-formed, under the {WELL_FORMED_TARGET:.0%} target, so replies may run on or stop short; fine-tuning it for more steps usually helps)"

@@ -1,5 +1,7 @@
 "End-to-end runs on the built-in `chitchat` set, as a user would type them: pretraining on its text with the chat tokens, `load-data`, and chat fine-tuning on its conversations."
 
+import json
+
 import pytest
 from conftest import run_aksis
 
@@ -55,6 +57,13 @@ def test_fine_tune_on_the_conversations(pretrained, tmp_path, env):
     assert f"chat evaluation of {tmp_path / 'best.pt'}, 100 held-out prompts" in result.stdout
     for line in ["context gain", "duplicate replies", "distinct-2", "identity, modern phrasing"]:
         assert line in result.stdout, result.stdout
+    history = tmp_path / "chat_history.json"  # the README's third command: talk to it
+    chat = run_aksis("chat-with-model", "--checkpoint-path", str(tmp_path / "best.pt"),
+                     "--context-file", str(history), "--seed", "0", stdin="Hello! Who are you?\n", env=env)  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert "never fine-tuned" not in chat.stdout + chat.stderr
+    saved = json.loads(history.read_text())["messages"]
+    assert [m["role"] for m in saved] == ["user", "assistant"], saved
 
 
 def test_eval_chat(pretrained, tmp_path, env):
