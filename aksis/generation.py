@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from .core import AksisError, get_device
-from .model import GPT, Checkpoint, KVCache, load_checkpoint
+from .model import GPT, Checkpoint, KVCache, StaticKVCache, load_checkpoint
 from .speed import fast_inference, inference_precision
 from .tokenizer import special_ids
 
@@ -188,18 +188,17 @@ def _use_graph(model: GPT, length: int) -> bool:
 
 def _graph_step(
     model: GPT,  # A GPT in eval mode, on a CUDA device
-    kv_cache: KVCache,  # Its cache after the prefill; from now on its `pos` is a tensor
+    kv_cache: StaticKVCache,  # Its cache after the prefill, behind fixed shapes
 ) -> Callable[[Tensor], Tensor]:
     "A decode step recorded in a CUDA graph: give it the (B,) new ids, get the next-token logits (B, vocab) in fp32"
     ids = torch.zeros(kv_cache.batch_size, 1, dtype=torch.long, device=kv_cache.k.device)
-    kv_cache.pos = torch.tensor(kv_cache.pos, device=ids.device)  # the graph advances it in place
-    start = kv_cache.pos.clone()
+    start = kv_cache.pos
     warm_up = torch.cuda.Stream(ids.device)  # the first call sets up libraries, outside the graph
     warm_up.wait_stream(torch.cuda.current_stream(ids.device))
     with torch.cuda.stream(warm_up):
         model(ids, kv_cache=kv_cache)  # writes a slot that the first real step overwrites
     torch.cuda.current_stream(ids.device).wait_stream(warm_up)
-    kv_cache.pos.copy_(start)
+    kv_cache.pos = start
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = model(ids, kv_cache=kv_cache)[0][:, -1].float()  # (B, vocab)
@@ -244,7 +243,7 @@ def generate_batch(
         if last:
             return
         if use_graph:  # recorded after the first token, not before it
-            graph_step = _graph_step(model, kv_cache)
+            graph_step = _graph_step(model, StaticKVCache(kv_cache))
         # decode: replay the recorded step, or run the model on the new tokens
         logits = (
             graph_step(next_ids) if graph_step else _extend(model, kv_cache, tokens[:, : n + 1], 1)
@@ -314,7 +313,7 @@ def _greedy_lookahead(
             remaining -= 1
             if not remaining:
                 return
-        room = max_seq_len - int(kv_cache.pos) - 1  # cache slots left beside the last token
+        room = max_seq_len - kv_cache.pos - 1  # cache slots left beside the last token
         guess = prompt_lookup(ids, min(config.lookahead, remaining - 1, room))
         if not guess:
             tokens = torch.tensor([ids[-max_seq_len:]], device=device)
