@@ -273,7 +273,7 @@ class StaticKVCache(KVCache):
 
     def __init__(
         self,
-        cache: KVCache,  # The filled cache whose buffers this one takes over
+        cache: "KVCache",  # The filled cache whose buffers this one takes over
     ):
         self.k, self.v = cache.k, cache.v
         self.k[:, :, :, cache.pos :].zero_()  # masked slots are read: 0 × NaN would poison them
