@@ -7,11 +7,11 @@ Docs: https://aksis-ai.github.io/aksis/finetune.html.md"""
 # %% auto #0
 __all__ = ['IDENTITY', 'MODERN_IDENTITY', 'RECALL_NAMES', 'RECALL_TOWNS', 'CHITCHAT_WINDOWS', 'IDENTITY_SHARE', 'RECALL_SHARE',
            'FINE_TUNE_DEFAULTS', 'IDENTITY_PROBES', 'RECALL_PEOPLE', 'CHAT_MEASURES', 'parse_conversation',
-           'read_jsonl', 'load_dataset_conversations', 'identity_conversations', 'recall_conversations', 'is_chat_data',
-           'load_conversations', 'render_conversation', 'conversation_windows', 'collate', 'ChatData', 'load_start',
-           'fine_tune', 'resume_fine_tune', 'reply_ids', 'well_formed', 'spread', 'held_out_exchanges', 'answer_loss',
-           'context_gain', 'chat_replies', 'duplicate_share', 'distinct_2', 'recall_probes', 'evaluate_chat',
-           'chat_report', 'record_chat_evaluation']
+           'read_jsonl', 'load_dataset_conversations', 'share_count', 'identity_conversations', 'recall_conversations',
+           'is_chat_data', 'load_conversations', 'render_conversation', 'conversation_windows', 'collate', 'ChatData',
+           'load_start', 'fine_tune', 'resume_fine_tune', 'reply_ids', 'well_formed', 'spread', 'held_out_exchanges',
+           'answer_loss', 'context_gain', 'chat_replies', 'duplicate_share', 'distinct_2', 'recall_probes',
+           'evaluate_chat', 'chat_report', 'record_chat_evaluation']
 
 # %% ../nbs/08_finetune.ipynb #b0b3b162
 import json
@@ -159,6 +159,14 @@ IDENTITY = [
 ]
 
 
+def share_count(
+    share: float,  # The fraction of the mix the added examples make up
+    among: int,  # How many other examples they are mixed into
+) -> int:
+    "How many examples to add to `among` others for them to make up `share` of the mix"
+    return round(share * among / (1 - share))
+
+
 def identity_conversations(
     among: int,  # How many other examples they are mixed into
     share: float = 0.02,  # The fraction of the mix they make up (at least one copy of each)
@@ -166,7 +174,7 @@ def identity_conversations(
 ) -> list[list[Message]]:
     "Short conversations, without a system prompt, in which the assistant says who it is (Aksis), repeated to make up `share` of the mix"
     one = [[Message("user", q), Message("assistant", a)] for q, a in pairs]
-    return one * max(1, round(share * among / ((1 - share) * len(one))))
+    return one * max(1, round(share_count(share, among) / len(one)))
 
 # %% ../nbs/08_finetune.ipynb #fab3ff18
 MODERN_IDENTITY = [
@@ -307,7 +315,7 @@ def load_conversations(
         windows = CHITCHAT_WINDOWS * len(splits["train"])  # the examples they are mixed into
         if identity_share:
             splits["train"] += identity_conversations(windows, identity_share, MODERN_IDENTITY)
-        splits["train"] += recall_conversations(round(recall_share * windows / (1 - recall_share)))
+        splits["train"] += recall_conversations(share_count(recall_share, windows))
         return splits
     if _is_chat_jsonl(Path(dataset)):
         return _holdout(read_jsonl(dataset))
