@@ -296,7 +296,7 @@ class StaticKVCache(KVCache):
         v: Tensor,  # New values (B, nh, T, hd)
     ) -> tuple[Tensor, Tensor]:
         "Write the new keys and values at `slot` and return all of the layer's (B, nh, max_seq_len, hd) slots"
-        slots = self.slot + torch.arange(k.size(2), device=k.device)  # (T,)
+        slots = self.positions(k.size(2), k.device)  # (T,)
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
         return self.k[layer], self.v[layer]
