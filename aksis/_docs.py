@@ -43,10 +43,8 @@ class DocRenderer(BasicMarkdownRenderer):
     ):
         shown = package_object(sym)
         super().__init__(shown, name=name, title_level=title_level)
-        if shown is not sym:
-            self.fn = (
-                sym.__qualname__
-            )  # nbdev finds a notebook's names' source lines by their bare names
+        if shown is not sym:  # nbdev finds a notebook's names' source lines by their bare names
+            self.fn = sym.__qualname__
 
     def _repr_markdown_(self) -> str:
         markdown = super()._repr_markdown_()

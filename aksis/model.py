@@ -81,9 +81,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,  # Buffer type (bf16 halves the memory under autocast)
     ):
         shape = (config.n_layer, batch_size, config.n_head, config.max_seq_len, config.head_dim)
-        self.k = torch.empty(
-            shape, device=device, dtype=dtype
-        )  # (L, B, nh, S, hd), unset until written
+        # unset until written: no slot is read before it is
+        self.k = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
         self.v = torch.empty(shape, device=device, dtype=dtype)  # (L, B, nh, S, hd)
         self.pos = 0  # Tokens already cached: the next token goes to this position
 
