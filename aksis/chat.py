@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from tokenizers import Tokenizer
 
 from .core import AksisError, atomic_path, process_alive
-from .generation import GenerationConfig, load_for_inference, stream
+from .generation import GenerationConfig, load_for_inference, stream, subseed
 from .model import GPT
 from .tokenizer import ASSISTANT, END_TURN, SYSTEM, USER
 
@@ -369,10 +369,12 @@ class Chat(Conversation):
         if not text.strip():
             raise AksisError("the message is empty: type something to say")
         prompt = build_prompt(self.tokenizer, [*self.messages, Message("user", text)], self.budget)
+        turn = sum(m.role == "user" for m in self.messages)  # this turn's draws under a seed
         self.messages.append(Message("user", text))
+        config = replace(self.config, seed=subseed(self.config.seed, turn))
         reply = []
         try:
-            for piece in stream(self.model, self.tokenizer, prompt, self.config):
+            for piece in stream(self.model, self.tokenizer, prompt, config):
                 reply.append(piece)
                 yield piece
         finally:

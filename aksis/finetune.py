@@ -40,7 +40,7 @@ from aksis.chat import (
 )
 from .core import AksisError, Precision, hub_offline, hub_reachable, one_line
 from .data import chitchat_conversations, json_lines, shakespeare_chat
-from .generation import GenerationConfig, generate_ids
+from .generation import GenerationConfig, generate_ids, subseed
 from aksis.model import (
     GPT,
     IGNORE_INDEX,
@@ -663,8 +663,11 @@ def chat_replies(
     prompts: Sequence[Sequence[Message]],  # Conversations, each ending with a user message
     config: GenerationConfig,  # The sampler, seed and `max_new_tokens`
 ) -> list[tuple[list[int], str]]:
-    "Each prompt's reply: its ids from `reply_ids`, and its text as the chat shows it"
-    replies = [reply_ids(model, tokenizer, p, config) for p in prompts]
+    "Each prompt's reply, drawn with the `n`-th `subseed` of the config's seed: its ids from `reply_ids`, and its text as the chat shows it"
+    replies = [
+        reply_ids(model, tokenizer, p, replace(config, seed=subseed(config.seed, n)))
+        for n, p in enumerate(prompts)
+    ]
     return [(r, tokenizer.decode(r, skip_special_tokens=True).strip()) for r in replies]
 
 # %% ../nbs/08_finetune.ipynb #59262885

@@ -6,10 +6,12 @@ Docs: https://aksis-ai.github.io/aksis/generation.html.md"""
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'greedy', 'apply_temperature', 'top_k_filter', 'top_p_filter', 'penalize_repetition', 'GenerationConfig',
-           'sample', 'generate_batch', 'generate_ids', 'prompt_lookup', 'stream', 'generate', 'load_for_inference']
+           'sample', 'generate_batch', 'generate_ids', 'subseed', 'prompt_lookup', 'stream', 'generate',
+           'load_for_inference']
 
 # %% ../nbs/06_generation.ipynb #d6aa309e
 import math
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +274,14 @@ def generate_ids(
         if (token := int(next_id)) in stop_ids:
             return
         yield token
+
+# %% ../nbs/06_generation.ipynb #41a8b5ce
+def subseed(
+    seed: int | None,  # The seed of the whole set of texts (None: unseeded)
+    n: int,  # Which text of the set
+) -> int | None:
+    "A seed for the `n`-th of several texts generated under `seed`, so that each draws its own random numbers (None stays None)"
+    return None if seed is None else random.Random(f"{seed}/{n}").getrandbits(32)
 
 # %% ../nbs/06_generation.ipynb #acae54e37e7d407bbb7b55eff062a284
 def prompt_lookup(
